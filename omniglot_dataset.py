@@ -1,0 +1,158 @@
+"""The Omniglot data set (Lake, Salakhutdinov and Tenenbaum, Science 2015) as 28x28 images.
+
+`Omniglot().train` holds the 30 background alphabets (964 characters) and
+`Omniglot().test` the 20 evaluation alphabets (659 characters), 20 drawings of
+each character; `.data["images"]` is `[N, 28, 28, 1]` float32 ink in [0, 1]
+and `.data["labels"]` is `[N]` int32, the character's index within its split.
+
+The data comes from the first of:
+1. the npz file named by the environment variable `OMNIGLOT_DATA` (never
+   downloads);
+2. `omniglot.npz` in the Keras cache, `$KERAS_HOME/datasets` (by default
+   `~/.keras/datasets`);
+3. the original release zips, downloaded from `OMNIGLOT_URL` (by default the
+   data set's own repository), verified against their md5 sums, converted and
+   written atomically to the cache of 2.
+"""
+import os
+import sys
+import tempfile
+import zipfile
+
+import numpy as np
+
+RELEASE_URL = "https://github.com/brendenlake/omniglot/raw/master/python/"
+# The release files of each split and their md5 sums, as a public mirror of the release lists them.
+RELEASE_FILES = {
+    "train": ("images_background.zip", "68d2efa1b9178cc56df9314c21c6e718"),
+    "test": ("images_evaluation.zip", "6b91aef0f799c5bb55b94e3f2daec811"),
+}
+CACHE_FILE = "omniglot.npz"
+
+
+class DataError(Exception):
+    """The data set cannot be read or made; the message says which file and how to fix it."""
+
+
+def cache_dir():
+    """The Keras cache directory for data sets, read from `KERAS_HOME` at call time."""
+    keras_home = os.environ.get("KERAS_HOME", os.path.join(os.path.expanduser("~"), ".keras"))
+    return os.path.join(keras_home, "datasets")
+
+
+def convert_release_zip(path):
+    """Returns `(images, prefixes, drawings)` of the PNGs in a release zip.
+
+    Each 105x105 drawing is inverted to ink, area-averaged down to 28x28,
+    scaled to 0..255 and rounded; `images` is `[N, 28, 28, 1]` uint8, ordered by
+    the file name `PPPP_DD.png`: the character's prefix PPPP, then the drawing DD.
+    """
+    import keras
+    import tensorflow as tf
+
+    with zipfile.ZipFile(path) as archive:
+        names = sorted((name for name in archive.namelist() if name.endswith(".png")), key=os.path.basename)
+        pngs = [archive.read(name) for name in names]
+    stems = [os.path.basename(name)[:-len(".png")].split("_") for name in names]
+    prefixes = np.array([int(prefix) for prefix, _ in stems], np.int32)
+    drawings = np.array([int(drawing) for _, drawing in stems], np.int32)
+
+    chunk = 1024  # images resized at once: bounds memory at about 50 MB of 105x105 floats
+    images = np.empty([len(pngs), 28, 28, 1], np.uint8)
+    progress = keras.utils.Progbar(len(pngs), unit_name="image")
+    for start in range(0, len(pngs), chunk):
+        paper = tf.stack([tf.io.decode_png(png, channels=1) for png in pngs[start:start + chunk]])
+        ink = 1 - tf.cast(paper, tf.float32) / 255
+        resized = tf.image.resize(ink, [28, 28], method="area")
+        images[start:start + chunk] = np.round(resized.numpy() * 255).astype(np.uint8)
+        progress.add(len(paper))
+    return images, prefixes, drawings
+
+
+def _download(fname, md5, base_url):
+    """Downloads a release file into the cache with `keras.utils.get_file`; a failed one leaves nothing."""
+    import keras
+
+    origin = base_url.rstrip("/") + "/" + fname
+    target = os.path.join(cache_dir(), fname)
+    os.makedirs(cache_dir(), exist_ok=True)  # get_file falls back to /tmp for a cache that does not exist yet
+    try:
+        return keras.utils.get_file(fname, origin=origin, file_hash=md5, cache_dir=os.path.dirname(cache_dir()))
+    except (Exception, KeyboardInterrupt) as error:
+        # get_file keeps a file that fails its checksum; a cache must hold only verified files.
+        if os.path.exists(target):
+            os.remove(target)
+        if isinstance(error, KeyboardInterrupt):
+            raise
+        raise DataError(f"cannot download {origin}: {error}; nothing was left in {cache_dir()}") from None
+
+
+def download_and_convert(path):
+    """Downloads both release zips, converts them, and writes the npz file `path` atomically."""
+    base_url = os.environ.get("OMNIGLOT_URL", RELEASE_URL)
+    arrays = {}
+    for split, (fname, md5) in RELEASE_FILES.items():
+        zip_path = _download(fname, md5, base_url)
+        print(f"Converting {fname}", file=sys.stderr)
+        images, prefixes, _ = convert_release_zip(zip_path)
+        arrays[f"{split}_images"] = images
+        # A character's label is its rank within its split: the order of characters.csv.
+        arrays[f"{split}_labels"] = np.unique(prefixes, return_inverse=True)[1].astype(np.int32)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    # Written beside its final name, then renamed: a killed run leaves no half-written cache.
+    with tempfile.NamedTemporaryFile(dir=os.path.dirname(path), suffix=".tmp", delete=False) as file:
+        try:
+            np.savez_compressed(file, **arrays)
+        except BaseException:
+            os.remove(file.name)
+            raise
+    os.replace(file.name, path)
+
+
+def load_npz(path, fix):
+    """Reads and checks the course-layout npz file `path`; `fix` says how a user repairs a bad one."""
+    try:
+        with np.load(path, allow_pickle=False) as npz:
+            arrays = {key: npz[key] for key in npz.files}
+    except Exception as error:
+        raise DataError(f"cannot read {path} as an npz file ({error}); {fix}") from None
+    for split in ["train", "test"]:
+        images, labels = arrays.get(f"{split}_images"), arrays.get(f"{split}_labels")
+        if images is None or labels is None:
+            raise DataError(f"{path} lacks the arrays {split}_images and {split}_labels; {fix}")
+        if images.dtype != np.uint8 or images.ndim != 4 or images.shape[1:] != (Omniglot.H, Omniglot.W, Omniglot.C):
+            raise DataError(f"{path}: {split}_images is {images.dtype} {images.shape}, "
+                            f"expected uint8 [N, {Omniglot.H}, {Omniglot.W}, {Omniglot.C}]; {fix}")
+        if labels.shape != images.shape[:1] or not np.issubdtype(labels.dtype, np.integer):
+            raise DataError(f"{path}: {split}_labels is {labels.dtype} {labels.shape}, "
+                            f"expected integers, one per image ({len(images)}); {fix}")
+    return arrays
+
+
+class Omniglot:
+    H, W, C = 28, 28, 1
+
+    class Dataset:
+        def __init__(self, images, labels):
+            self._data = {"images": images.astype(np.float32) / 255, "labels": labels.astype(np.int32)}
+            self._size = len(labels)
+
+        @property
+        def data(self):
+            return self._data
+
+        @property
+        def size(self):
+            return self._size
+
+    def __init__(self):
+        path = os.environ.get("OMNIGLOT_DATA")
+        if path:
+            arrays = load_npz(path, fix="point OMNIGLOT_DATA at a good copy, or unset it to use the Keras cache")
+        else:
+            path = os.path.join(cache_dir(), CACHE_FILE)
+            if not os.path.exists(path):
+                download_and_convert(path)
+            arrays = load_npz(path, fix="remove it, and the next run downloads the data set again")
+        for split in ["train", "test"]:
+            setattr(self, split, self.Dataset(arrays[f"{split}_images"], arrays[f"{split}_labels"]))

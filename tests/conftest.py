@@ -1,0 +1,17 @@
+import os
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SHARED_OMNIGLOT = os.path.join(ROOT, "..", "shared", "omniglot")
+sys.path.insert(0, ROOT)
+
+
+@pytest.fixture(scope="session")
+def omniglot_npz():
+    """The real data set: OMNIGLOT_DATA where set, else the copy in ../shared beside the project."""
+    path = os.environ.get("OMNIGLOT_DATA") or os.path.join(SHARED_OMNIGLOT, "omniglot.npz")
+    if not os.path.exists(path):
+        pytest.fail(f"the real Omniglot data is needed at {path} (or set OMNIGLOT_DATA)")
+    return os.path.abspath(path)

@@ -1,0 +1,111 @@
+"""Episodes hold the assignment's definition, checked on a hand-made data set whose images name themselves."""
+import argparse
+
+import numpy as np
+import pytest
+
+from learning_to_learn import EpisodeBatches, EpisodeGenerator, previous_labels
+
+
+def make_dataset(counts):
+    """Character c has counts[c] drawings; every pixel of image i is i, so an image tells its index."""
+    labels = np.repeat(np.arange(len(counts)), counts).astype(np.int32)
+    shuffled = np.random.default_rng(1).permutation(len(labels))  # drawings need not be grouped
+    labels = labels[shuffled]
+    images = np.broadcast_to(np.arange(len(labels), dtype=np.float32)[:, None, None, None], [len(labels), 28, 28, 1])
+    return argparse.Namespace(data={"images": images, "labels": labels}, size=len(labels))
+
+
+def make_args(classes=3, images_per_class=4, batch_size=5):
+    return argparse.Namespace(classes=classes, images_per_class=images_per_class, batch_size=batch_size)
+
+
+def check_episode(dataset, args, images, previous, labels):
+    steps = args.classes * args.images_per_class
+    assert images.shape == (steps, 28, 28, 1) and previous.shape == labels.shape == (steps,)
+    assert previous[0] == -1
+    np.testing.assert_array_equal(previous[1:], labels[:-1])
+    np.testing.assert_array_equal(np.bincount(labels, minlength=args.classes), [args.images_per_class] * args.classes)
+
+    indices = images[:, 0, 0, 0].astype(int)
+    assert len(set(indices)) == steps, "a drawing repeats within an episode"
+    characters = dataset.data["labels"][indices]
+    character_of_label = {}
+    for label, character in zip(labels, characters):
+        assert character_of_label.setdefault(label, character) == character, "a label names two characters"
+    assert len(set(character_of_label.values())) == args.classes, "two labels name one character"
+    return character_of_label
+
+
+def test_generator_episodes_hold_the_definition():
+    counts = [4, 6, 20, 5, 9, 4, 7]  # some characters have exactly images_per_class drawings
+    dataset, args = make_dataset(counts), make_args()
+    episodes = EpisodeGenerator(dataset, args, seed=3)()
+    characters_seen, labels_of_character = set(), {}
+    for _ in range(300):
+        (images, previous), labels = next(episodes)
+        for label, character in check_episode(dataset, args, images, previous, labels).items():
+            characters_seen.add(character)
+            labels_of_character.setdefault(character, set()).add(label)
+    assert characters_seen == set(range(len(counts)))
+    assert all(labels == set(range(args.classes)) for labels in labels_of_character.values()), \
+        "labels are not assigned at random"
+
+
+def test_steps_are_shuffled_not_grouped_by_class():
+    dataset, args = make_dataset([10] * 5), make_args(classes=5, images_per_class=10)
+    (indices, labels) = EpisodeGenerator(dataset, args, seed=0).sample(200)
+    sorted_runs = np.mean([np.all(np.diff(episode) >= 0) for episode in labels])
+    assert sorted_runs == 0
+    # Every position holds every label about equally often: 200 episodes x 10 of 50 steps per label.
+    position_counts = np.stack([np.bincount(column, minlength=5) for column in labels.T])
+    assert position_counts.min() > 10 and position_counts.max() < 80
+
+
+def test_same_seed_same_episodes_other_seed_others():
+    dataset, args = make_dataset([20] * 10), make_args()
+    first = EpisodeGenerator(dataset, args, seed=5).sample(4)
+    again = EpisodeGenerator(dataset, args, seed=5).sample(4)
+    other = EpisodeGenerator(dataset, args, seed=6).sample(4)
+    np.testing.assert_array_equal(first[0], again[0])
+    assert not np.array_equal(first[0], other[0])
+
+
+def test_previous_labels_shift_by_one_with_minus_one_first():
+    np.testing.assert_array_equal(previous_labels(np.array([[2, 0, 1], [1, 1, 0]])), [[-1, 2, 0], [-1, 1, 1]])
+
+
+def collect(batches):
+    return [batches[i] for i in range(len(batches))]
+
+
+def test_training_batches_hold_the_definition_and_are_fresh_every_epoch():
+    dataset, args = make_dataset([20] * 12), make_args(batch_size=5)
+    batches = EpisodeBatches(dataset, args, seed=7, episodes=12)
+    assert len(batches) == 3
+    epoch1 = collect(batches)
+    assert [len(labels) for _, labels in epoch1] == [5, 5, 2]
+    for (images, previous), labels in epoch1:
+        for episode in range(len(labels)):
+            check_episode(dataset, args, images[episode], previous[episode], labels[episode])
+
+    batches.on_epoch_end()
+    epoch2 = collect(batches)
+    assert not np.array_equal(epoch1[0][0][0], epoch2[0][0][0]), "training repeats its episodes"
+
+    # The episodes of an epoch depend on the seed and the epoch alone.
+    replay = EpisodeBatches(dataset, args, seed=7, episodes=12)
+    replay.on_epoch_end()
+    np.testing.assert_array_equal(collect(replay)[1][0][0], epoch2[1][0][0])
+
+
+@pytest.mark.parametrize("epochs", [1, 3])
+def test_validation_batches_stay_fixed(epochs):
+    dataset, args = make_dataset([20] * 12), make_args()
+    batches = EpisodeBatches(dataset, args, seed=42, episodes=10, fixed=True)
+    before = collect(batches)
+    for _ in range(epochs):
+        batches.on_epoch_end()
+    for ((images, previous), labels), ((images_before, _), labels_before) in zip(collect(batches), before):
+        np.testing.assert_array_equal(images, images_before)
+        np.testing.assert_array_equal(labels, labels_before)

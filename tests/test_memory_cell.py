@@ -1,0 +1,93 @@
+"""The memory-augmented cell against a plain numpy version of the same equations."""
+import keras
+import numpy as np
+
+from learning_to_learn import MemoryAugmentedLSTM
+
+
+def sigmoid(x):
+    return 1 / (1 + np.exp(-x))
+
+
+def cosine(a, b):
+    norms = np.linalg.norm(a) * np.linalg.norm(b)
+    return 0.0 if norms == 0 else a @ b / norms
+
+
+def numpy_step(cell, x, h, c, read_value, memory):
+    """One step of the cell, head by head and cell by cell; memory: (batch, cells, cell_size)."""
+    kernel, recurrent_kernel, bias = [w.numpy() for w in cell.controller.weights]
+    gates = np.concatenate([x, read_value], axis=-1) @ kernel + h @ recurrent_kernel + bias
+    i, f, g, o = np.split(gates, 4, axis=-1)
+    c = sigmoid(f) * c + sigmoid(i) * np.tanh(g)
+    h = sigmoid(o) * np.tanh(c)
+
+    interface_kernel, interface_bias = [w.numpy() for w in cell.interface_layer.weights]
+    interface = np.tanh(h @ interface_kernel + interface_bias)
+    write_value = interface[:, :cell.cell_size]
+    keys = interface[:, cell.cell_size:].reshape(len(x), cell.read_heads, cell.cell_size)
+
+    reads = np.zeros_like(keys)
+    for b in range(len(x)):
+        for head in range(cell.read_heads):
+            similarity = np.array([cosine(keys[b, head], m) for m in memory[b]])
+            weights = np.exp(similarity) / np.exp(similarity).sum()
+            reads[b, head] = sum(w * m for w, m in zip(weights, memory[b]))
+    read_value = reads.reshape(len(x), -1)
+    memory = np.concatenate([write_value[:, None], memory[:, :-1]], axis=1)
+
+    output_kernel, output_bias = [w.numpy() for w in cell.output_layer.weights]
+    output = np.tanh(np.concatenate([h, read_value], axis=-1) @ output_kernel + output_bias)
+    return output, h, c, read_value, memory
+
+
+def test_rnn_over_cell_matches_numpy_with_several_heads_and_memory_shift():
+    batch, steps, features = 2, 6, 5
+    units, memory_cells, cell_size, read_heads = 7, 4, 3, 3  # 6 steps > 4 cells: old cells drop
+    rng = np.random.default_rng(0)
+    inputs = rng.normal(size=[batch, steps, features]).astype(np.float32)
+    h = rng.normal(size=[batch, units]).astype(np.float32)
+    c = rng.normal(size=[batch, units]).astype(np.float32)
+    read_value = rng.normal(size=[batch, read_heads * cell_size]).astype(np.float32)
+    memory = rng.normal(size=[batch, memory_cells, cell_size]).astype(np.float32)
+
+    cell = MemoryAugmentedLSTM(units, memory_cells, cell_size, read_heads)
+    rnn = keras.layers.RNN(cell, return_sequences=True, return_state=True)
+    outputs, *states = rnn(inputs, initial_state=[h, c, read_value, memory.reshape(batch, -1)])
+
+    expected_outputs = []
+    for step in range(steps):
+        output, h, c, read_value, memory = numpy_step(cell, inputs[:, step], h, c, read_value, memory)
+        expected_outputs.append(output)
+    np.testing.assert_allclose(outputs, np.stack(expected_outputs, axis=1), atol=1e-5)
+    for state, expected in zip(states, [h, c, read_value, memory.reshape(batch, -1)]):
+        np.testing.assert_allclose(state, expected, atol=1e-5)
+
+
+def test_default_zero_state_reads_zeros_first():
+    cell = MemoryAugmentedLSTM(units=4, memory_cells=3, cell_size=2, read_heads=2)
+    rnn = keras.layers.RNN(cell, return_state=True)
+    _, _, _, read_value, memory = rnn(np.ones([1, 1, 3], np.float32))
+    # An empty memory has no direction: the read is the average of zero cells.
+    np.testing.assert_array_equal(read_value, np.zeros([1, 4]))
+    # After one step the write value is the first cell, the rest still empty.
+    assert np.any(memory[0, :2] != 0) and np.all(memory[0, 2:] == 0)
+
+
+def test_write_prepends_and_drops_the_last_cell():
+    cell = MemoryAugmentedLSTM(units=4, memory_cells=3, cell_size=2, read_heads=1)
+    memory = np.array([[[1, 2], [3, 4], [5, 6]]], np.float32)
+    written = cell._write(memory, np.array([[7, 8]], np.float32))
+    np.testing.assert_array_equal(written, [[[7, 8], [1, 2], [3, 4]]])
+
+
+def test_read_weights_cells_by_softmax_of_cosine_similarity():
+    cell = MemoryAugmentedLSTM(units=4, memory_cells=2, cell_size=2, read_heads=2)
+    memory = np.array([[[2, 0], [0, 3]]], np.float32)
+    # Head 1 points at cell 1 (cosines 1, 0); head 2 halfway between (cosines 1/sqrt(2) each).
+    keys = np.array([[[0.5, 0], [1, 1]]], np.float32)
+    weight = np.exp(1) / (np.exp(1) + 1)
+    expected_head1 = weight * np.array([2, 0]) + (1 - weight) * np.array([0, 3])
+    expected_head2 = 0.5 * np.array([2, 0]) + 0.5 * np.array([0, 3])
+    np.testing.assert_allclose(cell._read(memory, keys), [np.concatenate([expected_head1, expected_head2])],
+                               rtol=1e-6)

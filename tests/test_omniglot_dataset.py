@@ -1,0 +1,140 @@
+"""Reading, downloading and converting Omniglot, offline: a loopback HTTP server serves the release zips."""
+import functools
+import hashlib
+import http.server
+import os
+import shutil
+import threading
+import zipfile
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+import omniglot_dataset
+from conftest import SHARED_OMNIGLOT
+from omniglot_dataset import DataError, Omniglot
+
+
+@pytest.fixture
+def serve(tmp_path):
+    """Serves the files of a folder over HTTP on 127.0.0.1; yields (folder, base URL)."""
+    folder = tmp_path / "server"
+    folder.mkdir()
+
+    class QuietHandler(http.server.SimpleHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
+
+    handler = functools.partial(QuietHandler, directory=str(folder))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield folder, f"http://127.0.0.1:{server.server_address[1]}/"
+    server.shutdown()
+    server.server_close()
+
+
+@pytest.fixture
+def offline_cache(tmp_path, monkeypatch):
+    """An empty Keras cache, and no OMNIGLOT_DATA: Omniglot() must download."""
+    monkeypatch.setenv("KERAS_HOME", str(tmp_path / "keras"))
+    monkeypatch.delenv("OMNIGLOT_DATA", raising=False)
+    return tmp_path / "keras" / "datasets"
+
+
+def md5(path):
+    return hashlib.md5(open(path, "rb").read()).hexdigest()
+
+
+def publish(folder, monkeypatch, files):
+    """Serves `files` ({release name: local zip}) and pins their md5 sums as the release's."""
+    release = {}
+    for split, (name, source) in files.items():
+        shutil.copy(source, folder / name)
+        release[split] = (name, md5(folder / name))
+    monkeypatch.setattr(omniglot_dataset, "RELEASE_FILES", release)
+
+
+def test_download_converts_the_release_bit_for_bit(serve, offline_cache, monkeypatch, omniglot_npz):
+    # The two small release zips stand in for the background and evaluation zips.
+    folder, url = serve
+    small1 = os.path.join(SHARED_OMNIGLOT, "images_background_small1.zip")
+    small2 = os.path.join(SHARED_OMNIGLOT, "images_background_small2.zip")
+    publish(folder, monkeypatch, {"train": ("images_background.zip", small1),
+                                  "test": ("images_evaluation.zip", small2)})
+    monkeypatch.setenv("OMNIGLOT_URL", url)
+
+    omniglot = Omniglot()
+    cache = np.load(offline_cache / "omniglot.npz")
+    reference = np.load(omniglot_npz)["train_images"]
+    for split, source in [("train", small1), ("test", small2)]:
+        # PPPP_DD.png is entry (PPPP - 1) * 20 + DD - 1 of the reference train_images.
+        names = sorted(os.path.basename(n) for n in zipfile.ZipFile(source).namelist() if n.endswith(".png"))
+        index = np.array([(int(n[:4]) - 1) * 20 + int(n[5:7]) - 1 for n in names])
+        np.testing.assert_array_equal(cache[f"{split}_images"], reference[index])
+        prefixes = np.array([int(n[:4]) for n in names])
+        # Labels count characters from 0 in prefix order, as characters.csv does.
+        np.testing.assert_array_equal(cache[f"{split}_labels"], np.searchsorted(np.unique(prefixes), prefixes))
+        dataset = getattr(omniglot, split)
+        assert dataset.size == len(names) and dataset.data["images"].dtype == np.float32
+        np.testing.assert_array_equal(dataset.data["images"], reference[index] / np.float32(255))
+    assert sorted(os.listdir(offline_cache)) == ["images_background.zip", "images_evaluation.zip", "omniglot.npz"]
+
+    # Later runs read the cache: the server may be gone.
+    monkeypatch.setenv("OMNIGLOT_URL", "http://127.0.0.1:9/")
+    os.remove(offline_cache / "images_background.zip")
+    assert Omniglot().train.size == omniglot.train.size
+
+
+def tiny_release_zip(path, prefix):
+    """A release-style zip of one character with two drawings."""
+    with zipfile.ZipFile(path, "w") as archive:
+        for drawing in [1, 2]:
+            paper = np.full([105, 105, 1], 255, np.uint8)
+            paper[10 * drawing:50, 20:60] = 0
+            name = f"set/Alphabet/character01/{prefix:04d}_{drawing:02d}.png"
+            archive.writestr(name, tf.io.encode_png(paper).numpy())
+
+
+def test_wrong_checksum_fails_clearly_and_leaves_no_cache(serve, offline_cache, monkeypatch, tmp_path):
+    folder, url = serve
+    tiny_release_zip(tmp_path / "a.zip", 1)
+    tiny_release_zip(tmp_path / "b.zip", 2)
+    publish(folder, monkeypatch, {"train": ("images_background.zip", tmp_path / "a.zip"),
+                                  "test": ("images_evaluation.zip", tmp_path / "b.zip")})
+    name, _ = omniglot_dataset.RELEASE_FILES["test"]
+    omniglot_dataset.RELEASE_FILES["test"] = (name, "0" * 32)
+    monkeypatch.setenv("OMNIGLOT_URL", url)
+
+    with pytest.raises(DataError, match=r"images_evaluation\.zip.*hash.*nothing was left"):
+        Omniglot()
+    assert "images_evaluation.zip" not in os.listdir(offline_cache)
+    assert "omniglot.npz" not in os.listdir(offline_cache)
+    assert not [name for name in os.listdir(offline_cache) if name.endswith(".tmp")]
+
+
+def test_missing_file_on_the_server_fails_clearly(serve, offline_cache, monkeypatch):
+    _, url = serve
+    monkeypatch.setenv("OMNIGLOT_URL", url)
+    with pytest.raises(DataError, match=r"cannot download .*images_background\.zip.*404"):
+        Omniglot()
+    assert os.listdir(offline_cache) == []
+
+
+def test_omniglot_data_names_the_file_to_read(monkeypatch, omniglot_npz, tmp_path):
+    monkeypatch.setenv("OMNIGLOT_DATA", omniglot_npz)
+    monkeypatch.setenv("KERAS_HOME", str(tmp_path / "keras"))
+    omniglot = Omniglot()
+    assert (omniglot.train.size, omniglot.test.size) == (19280, 13180)
+    assert len(np.unique(omniglot.train.data["labels"])) == 964
+    assert len(np.unique(omniglot.test.data["labels"])) == 659
+    assert omniglot.train.data["images"].shape == (19280, Omniglot.H, Omniglot.W, Omniglot.C)
+    assert not (tmp_path / "keras").exists(), "OMNIGLOT_DATA must never download"
+
+
+def test_missing_omniglot_data_file_is_refused_without_download(monkeypatch, tmp_path):
+    monkeypatch.setenv("OMNIGLOT_DATA", str(tmp_path / "nothing.npz"))
+    monkeypatch.setenv("OMNIGLOT_URL", "http://127.0.0.1:9/")
+    with pytest.raises(DataError, match="nothing.npz.*OMNIGLOT_DATA"):
+        Omniglot()
