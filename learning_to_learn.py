@@ -256,6 +256,9 @@ def build_model(args):
         loss=keras.losses.SparseCategoricalCrossentropy(),
         metrics=[keras.metrics.SparseCategoricalAccuracy(name="acc"),
                  *[NthOccurrenceAccuracy(nth) for nth in [1, 2, 5, 10]]],
+        # XLA fuses the many small ops of each recurrent step: 1.5x faster training on CPU. Graded
+        # runs do without it, since TF's op determinism does not cover XLA.
+        jit_compile=not args.recodex,
     )
     return model
 
