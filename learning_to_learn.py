@@ -16,6 +16,7 @@ import argparse
 import math
 import os
 import sys
+import tempfile
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TF's start-up notices would bury the epoch lines
 
@@ -26,30 +27,73 @@ from keras import ops
 
 from omniglot_dataset import DataError, Omniglot
 
+def integer(minimum):
+    """An argparse type: an integer of at least `minimum`."""
+    def parse(text):
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"invalid value {text!r}: expected an integer") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"invalid value {value}: must be at least {minimum}")
+        return value
+    return parse
+
+
+def model_file_to_write(text):
+    """An argparse type: a path ending in .keras, in a folder that exists."""
+    if not text.endswith(".keras"):
+        raise argparse.ArgumentTypeError(f"invalid path {text!r}: expected a name ending in .keras")
+    if not os.path.isdir(os.path.dirname(os.path.abspath(text))):
+        raise argparse.ArgumentTypeError(f"invalid path {text!r}: its folder does not exist")
+    return text
+
+
+def existing_file(text):
+    """An argparse type: a file that exists."""
+    if not os.path.isfile(text):
+        raise argparse.ArgumentTypeError(f"invalid path {text!r}: no such file")
+    return text
+
+
+def folder(text):
+    """An argparse type: a folder, which need not exist yet."""
+    if os.path.exists(text) and not os.path.isdir(text):
+        raise argparse.ArgumentTypeError(f"invalid path {text!r}: it exists and is not a folder")
+    return text
+
+
 parser = argparse.ArgumentParser(
     description="Meta-learns few-shot Omniglot classification with a memory-augmented LSTM.",
     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
 data = parser.add_argument_group("data (OMNIGLOT_DATA names a local npz file, else the Keras cache or a download)")
-data.add_argument("--classes", default=5, type=int, help="Classes (characters) per episode.")
-data.add_argument("--images_per_class", default=10, type=int, help="Drawings of each class per episode.")
-data.add_argument("--train_episodes", default=10000, type=int, help="Training episodes per epoch, fresh every epoch.")
-data.add_argument("--test_episodes", default=1000, type=int, help="Validation episodes, the same every epoch.")
+data.add_argument("--classes", default=5, type=integer(2), help="Classes (characters) per episode.")
+data.add_argument("--images_per_class", default=10, type=integer(1), help="Drawings of each class per episode.")
+data.add_argument("--train_episodes", default=10000, type=integer(1),
+                  help="Training episodes per epoch, fresh every epoch.")
+data.add_argument("--test_episodes", default=1000, type=integer(1), help="Validation episodes, the same every epoch.")
 model_flags = parser.add_argument_group("model")
-model_flags.add_argument("--lstm_dim", default=256, type=int, help="Units of the LSTM controller.")
-model_flags.add_argument("--cell_size", default=40, type=int, help="Units of one memory cell.")
-model_flags.add_argument("--read_heads", default=1, type=int, help="Memory reads per step.")
+model_flags.add_argument("--lstm_dim", default=256, type=integer(1), help="Units of the LSTM controller.")
+model_flags.add_argument("--cell_size", default=40, type=integer(1), help="Units of one memory cell.")
+model_flags.add_argument("--read_heads", default=1, type=integer(0), help="Memory reads per step.")
 training = parser.add_argument_group("training")
-training.add_argument("--batch_size", default=16, type=int, help="Episodes per batch.")
-training.add_argument("--epochs", default=20, type=int, help="Training epochs.")
+training.add_argument("--batch_size", default=16, type=integer(1), help="Episodes per batch.")
+training.add_argument("--epochs", default=20, type=integer(1), help="Training epochs.")
 training.add_argument("--seed", default=42, type=int, help="Random seed of the weights and training episodes.")
-training.add_argument("--threads", default=None, type=int, help="CPU threads; 0 is all cores (default; 1 with --recodex).")
+training.add_argument("--threads", default=None, type=integer(0),
+                      help="CPU threads; 0 is all cores (default; 1 with --recodex).")
+training.add_argument("--checkpoint_dir", default=None, type=folder,
+                      help="Save after every epoch here; the same command run again resumes after the last epoch.")
 output = parser.add_argument_group("output")
 output.add_argument("--recodex", default=False, action="store_true",
                     help="Graded mode: deterministic, one line of metrics per epoch.")
+output.add_argument("--save_model", default=None, type=model_file_to_write, help="Write the trained model here.")
+output.add_argument("--evaluate", default=None, type=existing_file,
+                    help="Do not train: load this .keras model and print its metrics on --test_episodes episodes.")
 
 # Validation episodes do not depend on --seed, so that runs with different seeds compare on the same episodes.
 VALIDATION_SEED = 42
-METRICS = ["loss", "acc", "acc1", "acc2", "acc5", "acc10"]
+OCCURRENCES = [1, 2, 5, 10]  # the occurrences of a class whose accuracy is reported
 
 
 # Episodes
@@ -116,11 +160,12 @@ class EpisodeBatches(keras.utils.PyDataset):
     def __init__(self, dataset, args, seed, episodes, fixed=False):
         super().__init__()
         self._dataset, self._args, self._seed = dataset, args, seed
-        self._episodes, self._fixed, self._epoch = episodes, fixed, 0
-        self._draw_episodes()
+        self._episodes, self._fixed = episodes, fixed
+        self.set_epoch(0)
 
-    def _draw_episodes(self):
-        generator = EpisodeGenerator(self._dataset, self._args, seed=[self._seed, self._epoch])
+    def set_epoch(self, epoch):
+        self._epoch = epoch
+        generator = EpisodeGenerator(self._dataset, self._args, seed=[self._seed, epoch])
         self._indices, self._labels = generator.sample(self._episodes)
 
     def __len__(self):
@@ -134,8 +179,7 @@ class EpisodeBatches(keras.utils.PyDataset):
 
     def on_epoch_end(self):
         if not self._fixed:
-            self._epoch += 1
-            self._draw_episodes()
+            self.set_epoch(self._epoch + 1)
 
 
 # Model
@@ -193,7 +237,7 @@ class MemoryAugmentedLSTM(keras.layers.Layer):
         # memory: (batch, memory_cells, cell_size), read_keys: (batch, read_heads, cell_size)
         similarity = ops.einsum("bhc,bmc->bhm", ops.normalize(read_keys), ops.normalize(memory))
         read_value = ops.matmul(ops.softmax(similarity, axis=-1), memory)
-        return ops.reshape(read_value, (-1, self.read_heads * self.cell_size))
+        return ops.reshape(read_value, (ops.shape(memory)[0], self.read_heads * self.cell_size))
 
     def _write(self, memory, write_value):
         # newest write first; the oldest cell drops
@@ -209,7 +253,9 @@ class MemoryAugmentedLSTM(keras.layers.Layer):
 
         interface = self.interface_layer(controller_output)
         write_value = interface[:, :self.cell_size]
-        read_keys = ops.reshape(interface[:, self.cell_size:], (-1, self.read_heads, self.cell_size))
+        # An explicit batch size: with --read_heads=0 the keys are empty and -1 could not be inferred.
+        batch_size = ops.shape(inputs)[0]
+        read_keys = ops.reshape(interface[:, self.cell_size:], (batch_size, self.read_heads, self.cell_size))
         read_value = self._read(memory, read_keys)
         memory = self._write(memory, write_value)
 
@@ -235,6 +281,15 @@ def image_features():
     return keras.Sequential(layers + [keras.layers.Flatten()], name="image_features")
 
 
+def reported_occurrences(args):
+    """The occurrences in OCCURRENCES that an episode has: a class shows up `images_per_class` times."""
+    return [nth for nth in OCCURRENCES if nth <= args.images_per_class]
+
+
+def metric_names(args):
+    return ["loss", "acc"] + [f"acc{nth}" for nth in reported_occurrences(args)]
+
+
 def build_model(args):
     steps = args.classes * args.images_per_class
     images = keras.Input([steps, Omniglot.H, Omniglot.W, Omniglot.C], name="images")
@@ -255,7 +310,7 @@ def build_model(args):
         optimizer=keras.optimizers.Adam(),
         loss=keras.losses.SparseCategoricalCrossentropy(),
         metrics=[keras.metrics.SparseCategoricalAccuracy(name="acc"),
-                 *[NthOccurrenceAccuracy(nth) for nth in [1, 2, 5, 10]]],
+                 *[NthOccurrenceAccuracy(nth) for nth in reported_occurrences(args)]],
         # XLA fuses the many small ops of each recurrent step: 1.5x faster training on CPU. Graded
         # runs do without it, since TF's op determinism does not cover XLA.
         jit_compile=not args.recodex,
@@ -265,17 +320,89 @@ def build_model(args):
 
 # Training
 
+def write_atomically(path, save, suffix):
+    """Calls `save` on a temporary path beside `path`, then renames it: a kill leaves the old file or the new."""
+    handle, temporary = tempfile.mkstemp(suffix=suffix, dir=os.path.dirname(os.path.abspath(path)))
+    os.close(handle)
+    try:
+        save(temporary)
+        os.replace(temporary, path)
+    except BaseException:
+        os.remove(temporary)
+        raise
+
+
+def metrics_line(logs, names):
+    return " - ".join(f"{name}: {logs[name]:.4f}" for name in names)
+
+
 class GradedEpochLine(keras.callbacks.Callback):
     """Prints `Epoch 1/3 loss: ... - val_acc10: ...`, the metrics in a fixed order (Keras sorts its own)."""
 
-    def __init__(self, epochs):
+    def __init__(self, epochs, names):
         super().__init__()
-        self.epochs = epochs
+        self.epochs, self.names = epochs, names + [f"val_{name}" for name in names]
 
     def on_epoch_end(self, epoch, logs=None):
-        names = METRICS + [f"val_{name}" for name in METRICS]
-        metrics = " - ".join(f"{name}: {logs[name]:.4f}" for name in names)
-        print(f"Epoch {epoch + 1}/{self.epochs} {metrics}", flush=True)
+        print(f"Epoch {epoch + 1}/{self.epochs} {metrics_line(logs, self.names)}", flush=True)
+
+
+class EpochCheckpoint(keras.callbacks.Callback):
+    """Saves the weights and the optimizer state after every epoch into one file, atomically.
+
+    `keras.callbacks.BackupAndRestore` writes the weights in place and the epoch
+    into a second file, so a kill during a save can leave them torn. Here the
+    epoch is derived from the file itself: the optimizer's step count over the
+    steps of an epoch.
+    """
+
+    def __init__(self, directory, steps_per_epoch):
+        super().__init__()
+        self.path = os.path.join(directory, "checkpoint.weights.h5")
+        self.steps_per_epoch = steps_per_epoch
+
+    def restore(self, model):
+        """Loads the last checkpoint into `model`; returns the number of epochs it finished."""
+        if not os.path.exists(self.path):
+            return 0
+        model.optimizer.build(model.trainable_variables)
+        try:
+            model.load_weights(self.path)
+        except Exception as error:
+            raise DataError(f"cannot resume from {self.path} ({error}); remove it to train from the start") from None
+        return int(model.optimizer.iterations.numpy()) // self.steps_per_epoch
+
+    def on_epoch_end(self, epoch, logs=None):
+        os.makedirs(os.path.dirname(self.path), exist_ok=True)
+        write_atomically(self.path, self.model.save_weights, suffix=".weights.h5")
+
+
+def check_episodes_fit(args, omniglot):
+    """Refuses, as argparse does, episodes that a split cannot fill."""
+    for split in ["train", "test"]:
+        labels = getattr(omniglot, split).data["labels"]
+        characters, drawings = np.unique(labels, return_counts=True)
+        if args.classes > len(characters):
+            parser.error(f"argument --classes: invalid value {args.classes}: "
+                         f"the {split} split has only {len(characters)} characters")
+        if args.images_per_class > drawings.min():
+            parser.error(f"argument --images_per_class: invalid value {args.images_per_class}: "
+                         f"some characters of the {split} split have only {drawings.min()} drawings")
+
+
+def load_trained_model(path, args):
+    """Loads a model saved by --save_model, refusing other files and other episode shapes."""
+    try:
+        model = keras.models.load_model(path)
+    except Exception as error:
+        raise DataError(f"{path} is not a model saved by this program ({error})") from None
+    if not any(isinstance(getattr(layer, "cell", None), MemoryAugmentedLSTM) for layer in model.layers):
+        raise DataError(f"{path} is a Keras model but not one of this program: it has no MemoryAugmentedLSTM")
+    steps, classes = model.inputs[0].shape[1], model.outputs[0].shape[-1]
+    if (steps, classes) != (args.classes * args.images_per_class, args.classes):
+        raise DataError(f"{path} was trained on episodes of --classes={classes} "
+                        f"--images_per_class={steps // classes}: evaluate it with those flags")
+    return model
 
 
 def main(args):
@@ -287,15 +414,38 @@ def main(args):
         tf.config.experimental.enable_op_determinism()
 
     omniglot = Omniglot()
-    train = EpisodeBatches(omniglot.train, args, args.seed, args.train_episodes)
+    check_episodes_fit(args, omniglot)
+    names = metric_names(args)
+    if len(names) < 2 + len(OCCURRENCES):
+        print(f"Note: with --images_per_class={args.images_per_class} no class appears "
+              f"{OCCURRENCES[-1]} times in an episode: only {', '.join(names)} are reported.", file=sys.stderr)
     dev = EpisodeBatches(omniglot.test, args, VALIDATION_SEED, args.test_episodes, fixed=True)
 
+    if args.evaluate:
+        model = load_trained_model(args.evaluate, args)
+        logs = model.evaluate(dev, return_dict=True, verbose=0 if args.recodex else "auto")
+        print(f"Test {metrics_line(logs, names)}", flush=True)
+        return logs
+
+    train = EpisodeBatches(omniglot.train, args, args.seed, args.train_episodes)
     model = build_model(args)
-    logs = model.fit(
-        train, epochs=args.epochs, validation_data=dev,
-        verbose=0 if args.recodex else "auto",
-        callbacks=[GradedEpochLine(args.epochs)] if args.recodex else [],
-    )
+    callbacks, initial_epoch = [], 0
+    if args.checkpoint_dir:
+        checkpoint = EpochCheckpoint(args.checkpoint_dir, steps_per_epoch=len(train))
+        initial_epoch = checkpoint.restore(model)
+        train.set_epoch(initial_epoch)
+        callbacks.append(checkpoint)
+        if initial_epoch >= args.epochs:
+            print(f"All {args.epochs} epochs are done in {args.checkpoint_dir}.", file=sys.stderr)
+    if args.recodex:
+        callbacks.append(GradedEpochLine(args.epochs, names))
+
+    # No shuffle: the episodes are random already, and Keras would shuffle batches with Python's global
+    # random state, which a resumed run cannot restore.
+    logs = model.fit(train, epochs=args.epochs, initial_epoch=initial_epoch, validation_data=dev, shuffle=False,
+                     verbose=0 if args.recodex else "auto", callbacks=callbacks)
+    if args.save_model:
+        write_atomically(args.save_model, model.save, suffix=".keras")
     return logs.history
 
 

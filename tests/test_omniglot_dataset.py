@@ -138,3 +138,26 @@ def test_missing_omniglot_data_file_is_refused_without_download(monkeypatch, tmp
     monkeypatch.setenv("OMNIGLOT_URL", "http://127.0.0.1:9/")
     with pytest.raises(DataError, match="nothing.npz.*OMNIGLOT_DATA"):
         Omniglot()
+
+
+def test_download_cut_off_halfway_leaves_nothing(offline_cache, monkeypatch):
+    class CutOffHandler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            self.send_response(200)
+            self.send_header("Content-Length", "1000000")
+            self.end_headers()
+            self.wfile.write(b"PK" + b"\0" * 4000)  # then the connection closes
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), CutOffHandler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        monkeypatch.setenv("OMNIGLOT_URL", f"http://127.0.0.1:{server.server_address[1]}")
+        with pytest.raises(DataError, match=r"cannot download .*images_background\.zip.*nothing was left"):
+            Omniglot()
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert os.listdir(offline_cache) == []

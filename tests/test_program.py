@@ -2,6 +2,7 @@
 import argparse
 import os
 import re
+import signal
 import subprocess
 import sys
 
@@ -10,7 +11,7 @@ import numpy as np
 import pytest
 
 from conftest import ROOT
-from learning_to_learn import build_model, parser
+from learning_to_learn import build_model, parser, write_atomically
 
 NUMBER = r"\d+\.\d{4}"
 NAMES = ["loss", "acc", "acc1", "acc2", "acc5", "acc10"]
@@ -61,3 +62,53 @@ def test_saved_model_loads_with_plain_keras_and_predicts_the_same(tmp_path):
     model.save(tmp_path / "model.keras")
     loaded = keras.models.load_model(tmp_path / "model.keras")
     np.testing.assert_allclose(loaded.predict(inputs, verbose=0), model.predict(inputs, verbose=0), atol=1e-6)
+
+
+def test_killed_run_resumes_and_ends_like_an_uninterrupted_one(omniglot_npz, tmp_path):
+    flags = ["--recodex", "--classes=2", "--train_episodes=160", "--test_episodes=160", "--epochs=3"]
+    uninterrupted = run_program(omniglot_npz, *flags).splitlines()
+
+    command = [sys.executable, os.path.join(ROOT, "learning_to_learn.py"), *flags, f"--checkpoint_dir={tmp_path}"]
+    env = {**os.environ, "OMNIGLOT_DATA": omniglot_npz}
+    with subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True) as run:
+        first_line = run.stdout.readline()  # printed once the epoch's checkpoint is saved
+        run.send_signal(signal.SIGKILL)
+    assert first_line.rstrip("\n") == uninterrupted[0]
+
+    resumed = run_program(omniglot_npz, *flags, f"--checkpoint_dir={tmp_path}",
+                          f"--save_model={tmp_path / 'model.keras'}").splitlines()
+    assert resumed == uninterrupted[1:], "the resumed run must print only the epochs it trains, identically"
+
+    # The saved model gives the last epoch's validation metrics again.
+    evaluation = run_program(omniglot_npz, "--recodex", "--classes=2", "--test_episodes=160",
+                             f"--evaluate={tmp_path / 'model.keras'}").splitlines()
+    last = uninterrupted[-1]
+    assert evaluation == ["Test " + last[last.index("val_"):].replace("val_", "")]
+
+
+def test_atomic_write_keeps_the_old_file_when_a_save_fails(tmp_path):
+    target = tmp_path / "checkpoint.weights.h5"
+    target.write_text("previous checkpoint")
+
+    def broken_save(path):
+        open(path, "w").write("half a checkp")
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        write_atomically(str(target), broken_save, suffix=".weights.h5")
+    assert target.read_text() == "previous checkpoint"
+    assert os.listdir(tmp_path) == ["checkpoint.weights.h5"]
+
+    write_atomically(str(target), lambda path: open(path, "w").write("new checkpoint"), suffix=".weights.h5")
+    assert target.read_text() == "new checkpoint" and os.listdir(tmp_path) == ["checkpoint.weights.h5"]
+
+
+def test_images_per_class_below_ten_reports_no_acc10(omniglot_npz):
+    result = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "learning_to_learn.py"), "--recodex", "--images_per_class=3",
+         "--train_episodes=16", "--test_episodes=16", "--epochs=1"],
+        env={**os.environ, "OMNIGLOT_DATA": omniglot_npz}, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "no class appears 10 times in an episode: only loss, acc, acc1, acc2 are reported" in result.stderr
+    names = re.findall(r"(\w+): \d", result.stdout)
+    assert names == ["loss", "acc", "acc1", "acc2", "val_loss", "val_acc", "val_acc1", "val_acc2"]

@@ -1,0 +1,144 @@
+"""Bad flags and bad data files end with exit status 2 and one clear message, before any work starts.
+
+| input | answer |
+| --- | --- |
+| a count below its minimum, or not a number | `argument --FLAG: invalid value V: must be at least N` / `expected an integer` |
+| more classes than a split has characters | `argument --classes: invalid value V: the test split has only 659 characters` |
+| more images per class than a character has drawings | `argument --images_per_class: ... only 20 drawings` |
+| --save_model not ending in .keras, or in a missing folder | `argument --save_model: invalid path ...` |
+| --evaluate naming no file, or a file that is no model of this program | `argument --evaluate: ...` / `... is not a model saved by this program` |
+| --checkpoint_dir naming a file | `argument --checkpoint_dir: ... is not a folder` |
+| OMNIGLOT_DATA or the cache missing, empty, truncated, not npz, lacking keys, wrong shape or type, labels not matching | the file, what is wrong, how to fix it |
+"""
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from conftest import ROOT
+from learning_to_learn import parser
+from omniglot_dataset import DataError, Omniglot
+
+
+@pytest.mark.parametrize("flag, message", [
+    ("--classes=1", "argument --classes: invalid value 1: must be at least 2"),
+    ("--classes=five", "argument --classes: invalid value 'five': expected an integer"),
+    ("--images_per_class=0", "argument --images_per_class: invalid value 0: must be at least 1"),
+    ("--batch_size=0", "argument --batch_size: invalid value 0: must be at least 1"),
+    ("--cell_size=0", "argument --cell_size: invalid value 0: must be at least 1"),
+    ("--lstm_dim=-3", "argument --lstm_dim: invalid value -3: must be at least 1"),
+    ("--epochs=0", "argument --epochs: invalid value 0: must be at least 1"),
+    ("--train_episodes=0", "argument --train_episodes: invalid value 0: must be at least 1"),
+    ("--test_episodes=1.5", "argument --test_episodes: invalid value '1.5': expected an integer"),
+    ("--read_heads=-1", "argument --read_heads: invalid value -1: must be at least 0"),
+    ("--threads=-1", "argument --threads: invalid value -1: must be at least 0"),
+    ("--seed=x", "argument --seed: invalid int value: 'x'"),
+    ("--save_model=model.h5", "argument --save_model: invalid path 'model.h5': expected a name ending in .keras"),
+    ("--save_model=no/such/folder/m.keras",
+     "argument --save_model: invalid path 'no/such/folder/m.keras': its folder does not exist"),
+    ("--evaluate=no_such_model.keras", "argument --evaluate: invalid path 'no_such_model.keras': no such file"),
+    ("--checkpoint_dir=README.md", "argument --checkpoint_dir: invalid path 'README.md': it exists and is not a folder"),
+])
+def test_bad_flag_is_refused_by_the_parser(flag, message, capsys, monkeypatch):
+    monkeypatch.chdir(ROOT)
+    with pytest.raises(SystemExit) as exit:
+        parser.parse_args([flag])
+    assert exit.value.code == 2
+    assert capsys.readouterr().err.splitlines()[-1] == f"{os.path.basename(sys.argv[0])}: error: {message}"
+
+
+def run_program(*flags, data, cwd):
+    return subprocess.run([sys.executable, os.path.join(ROOT, "learning_to_learn.py"), *flags],
+                          env={**os.environ, "OMNIGLOT_DATA": str(data)}, cwd=cwd,
+                          capture_output=True, text=True, timeout=300)
+
+
+def assert_refused(result, message):
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr and result.stdout == ""
+    # Above the message stand only TensorFlow's own start-up notices, which it prints before any flag is read.
+    assert result.stderr.splitlines()[-1] == f"learning_to_learn.py: error: {message}"
+
+
+@pytest.mark.parametrize("flag, message", [
+    ("--classes=660", "argument --classes: invalid value 660: the test split has only 659 characters"),
+    ("--images_per_class=21",
+     "argument --images_per_class: invalid value 21: some characters of the train split have only 20 drawings"),
+])
+def test_episodes_a_split_cannot_fill_are_refused_before_training(flag, message, omniglot_npz, tmp_path):
+    result = run_program(flag, "--save_model=model.keras", "--checkpoint_dir=checkpoints",
+                         data=omniglot_npz, cwd=tmp_path)
+    assert_refused(result, message)
+    assert os.listdir(tmp_path) == [], "a refused run wrote files"
+
+
+def test_a_file_that_is_no_model_is_refused_by_evaluate(omniglot_npz, tmp_path):
+    (tmp_path / "notes.keras").write_text("not a model")
+    result = run_program("--evaluate=notes.keras", data=omniglot_npz, cwd=tmp_path)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.stderr.splitlines()[-1].startswith(
+        "learning_to_learn.py: error: notes.keras is not a model saved by this program")
+
+
+def npz_with(path, omniglot_npz, **changes):
+    arrays = dict(np.load(omniglot_npz))
+    arrays.update(changes)
+    np.savez(path, **{key: value for key, value in arrays.items() if value is not None})
+    return path
+
+
+def written(path, content):
+    path.write_bytes(content)
+    return path
+
+
+BAD_FILES = {
+    "missing": lambda path, npz: path,
+    "empty": lambda path, npz: written(path, b""),
+    "not an npz": lambda path, npz: written(path, b"train_images,train_labels\n"),
+    "truncated": lambda path, npz: written(path, open(npz, "rb").read()[:100_000]),
+    "missing keys": lambda path, npz: npz_with(path, npz, test_labels=None),
+    "images of the wrong shape": lambda path, npz: npz_with(path, npz, train_images=np.zeros([4, 28, 28], np.uint8),
+                                                           train_labels=np.zeros([4], np.int32)),
+    "images of the wrong type": lambda path, npz: npz_with(path, npz, test_images=np.zeros([4, 28, 28, 1]),
+                                                          test_labels=np.zeros([4], np.int32)),
+    "labels not matching the images": lambda path, npz: npz_with(path, npz, train_labels=np.zeros([7], np.int32)),
+}
+PROBLEMS = {
+    "missing": "cannot read", "empty": "cannot read", "not an npz": "cannot read", "truncated": "cannot read",
+    "missing keys": "lacks the arrays test_images and test_labels",
+    "images of the wrong shape": "train_images is uint8 (4, 28, 28), expected uint8 [N, 28, 28, 1]",
+    "images of the wrong type": "test_images is float64 (4, 28, 28, 1), expected uint8 [N, 28, 28, 1]",
+    "labels not matching the images": "train_labels is int32 (7,), expected integers, one per image (19280)",
+}
+
+
+@pytest.mark.parametrize("kind", BAD_FILES)
+def test_bad_omniglot_data_file_names_the_file_and_the_fix(kind, tmp_path, monkeypatch, omniglot_npz):
+    path = BAD_FILES[kind](tmp_path / "omniglot.npz", omniglot_npz)
+    monkeypatch.setenv("OMNIGLOT_DATA", str(path))
+    with pytest.raises(DataError) as error:
+        Omniglot()
+    assert str(path) in str(error.value) and PROBLEMS[kind] in str(error.value)
+    assert "OMNIGLOT_DATA" in str(error.value)
+
+
+@pytest.mark.parametrize("kind", ["empty", "truncated", "missing keys"])
+def test_bad_cache_file_says_to_remove_it(kind, tmp_path, monkeypatch, omniglot_npz):
+    cache = tmp_path / "keras" / "datasets"
+    cache.mkdir(parents=True)
+    path = BAD_FILES[kind](cache / "omniglot.npz", omniglot_npz)
+    monkeypatch.delenv("OMNIGLOT_DATA", raising=False)
+    monkeypatch.setenv("KERAS_HOME", str(tmp_path / "keras"))
+    with pytest.raises(DataError, match="remove it, and the next run downloads the data set again") as error:
+        Omniglot()
+    assert str(path) in str(error.value)
+
+
+def test_bad_data_file_ends_the_program_with_one_line(tmp_path, omniglot_npz):
+    result = run_program("--epochs=1", data=tmp_path / "none.npz", cwd=tmp_path)
+    assert_refused(result, f"cannot read {tmp_path / 'none.npz'} as an npz file "
+                           f"([Errno 2] No such file or directory: '{tmp_path / 'none.npz'}'); "
+                           "point OMNIGLOT_DATA at a good copy, or unset it to use the Keras cache")
