@@ -405,7 +405,8 @@ def load_trained_model(path, args):
     return model
 
 
-def main(args):
+def main(args, callbacks=()):
+    """Trains (or with --evaluate, evaluates) as `args` say; `callbacks` are extra Keras callbacks for `fit`."""
     threads = args.threads if args.threads is not None else int(args.recodex)
     tf.config.threading.set_inter_op_parallelism_threads(threads)
     tf.config.threading.set_intra_op_parallelism_threads(threads)
@@ -429,7 +430,7 @@ def main(args):
 
     train = EpisodeBatches(omniglot.train, args, args.seed, args.train_episodes)
     model = build_model(args)
-    callbacks, initial_epoch = [], 0
+    callbacks, initial_epoch = list(callbacks), 0
     if args.checkpoint_dir:
         checkpoint = EpochCheckpoint(args.checkpoint_dir, steps_per_epoch=len(train))
         initial_epoch = checkpoint.restore(model)
