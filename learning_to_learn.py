@@ -13,6 +13,7 @@ similarity of a key with each cell and written by prepending a cell.
 Usage: python3 learning_to_learn.py --classes=5 --epochs=20
 """
 import argparse
+import importlib.util
 import math
 import os
 import sys
@@ -26,6 +27,7 @@ import tensorflow as tf
 from keras import ops
 
 from omniglot_dataset import DataError, Omniglot
+
 
 def integer(minimum):
     """An argparse type: an integer of at least `minimum`."""
@@ -63,6 +65,13 @@ def folder(text):
     return text
 
 
+def tensorboard_folder(text):
+    """An argparse type: a folder for TensorBoard logs, which need the tensorboard package."""
+    if importlib.util.find_spec("tensorboard") is None:
+        raise argparse.ArgumentTypeError("needs the tensorboard package: pip install tensorboard")
+    return folder(text)
+
+
 parser = argparse.ArgumentParser(
     description="Meta-learns few-shot Omniglot classification with a memory-augmented LSTM.",
     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -87,6 +96,8 @@ training.add_argument("--checkpoint_dir", default=None, type=folder,
 output = parser.add_argument_group("output")
 output.add_argument("--recodex", default=False, action="store_true",
                     help="Graded mode: deterministic, one line of metrics per epoch.")
+output.add_argument("--logdir", default=None, type=tensorboard_folder,
+                    help="Write TensorBoard logs here: every metric and pictures of validation episodes per epoch.")
 output.add_argument("--save_model", default=None, type=model_file_to_write, help="Write the trained model here.")
 output.add_argument("--evaluate", default=None, type=existing_file,
                     help="Do not train: load this .keras model and print its metrics on --test_episodes episodes.")
@@ -347,6 +358,61 @@ class GradedEpochLine(keras.callbacks.Callback):
         print(f"Epoch {epoch + 1}/{self.epochs} {metrics_line(logs, self.names)}", flush=True)
 
 
+# Digits of a 3x5 pixel font, row by row, for the numbers under the images of an episode picture.
+DIGITS = ["111101101101111", "010110010010111", "111001111100111", "111001111001111", "101101111001001",
+          "111100111001111", "111100111101111", "111001001001001", "111101111101111", "111101111001111"]
+DIGIT_SCALE = 2  # font pixels per picture pixel side: a digit is 6x10 pixels
+
+
+def stamp_number(picture, number, top, left, colour):
+    """Draws `number` into the RGB `picture` with its top-left corner at (top, left)."""
+    for position, digit in enumerate(str(number)):
+        glyph = np.array([int(bit) for bit in DIGITS[int(digit)]], np.float32).reshape(5, 3)
+        glyph = np.kron(glyph, np.ones([DIGIT_SCALE, DIGIT_SCALE], np.float32))
+        x = left + position * 4 * DIGIT_SCALE
+        region = picture[top:top + glyph.shape[0], x:x + glyph.shape[1]]
+        region[glyph > 0] = colour
+
+
+GREY, WHITE, GREEN, RED = [0.5, 0.5, 0.5], [1.0, 1.0, 1.0], [0.2, 0.9, 0.2], [1.0, 0.15, 0.15]
+TILE_WIDTH, TEXT_ROW = 30, 12  # an image with a 1-pixel margin each side; a row of digits with its gap
+
+
+def episode_picture(images, labels, guesses):
+    """An RGB picture of one episode: every image in order, under it three numbers: the how-many-th
+    occurrence of its class (grey), its label (white) and the model's guess (green; red and framed if wrong)."""
+    height = 1 + Omniglot.H + 3 * TEXT_ROW + 2
+    picture = np.zeros([height, len(labels) * TILE_WIDTH, 3], np.float32)
+    for step, (image, label, guess) in enumerate(zip(images, labels, guesses, strict=True)):
+        left = step * TILE_WIDTH + 1
+        occurrence = np.sum(labels[:step + 1] == label)
+        if guess != label:
+            picture[0:Omniglot.H + 2, left - 1:left + Omniglot.W + 1] = RED
+        picture[1:1 + Omniglot.H, left:left + Omniglot.W] = image  # grey ink, broadcast over RGB
+        for row, (number, colour) in enumerate([(occurrence, GREY), (label, WHITE),
+                                                (guess, GREEN if guess == label else RED)]):
+            stamp_number(picture, number, top=Omniglot.H + 4 + row * TEXT_ROW, left=left, colour=colour)
+    return picture
+
+
+class EpisodePictures(keras.callbacks.Callback):
+    """After every epoch, writes pictures of the first `count` episodes of a validation batch to TensorBoard."""
+
+    def __init__(self, logdir, batch, count=3):
+        super().__init__()
+        (images, previous), labels = batch
+        self.inputs, self.labels = (images[:count], previous[:count]), labels[:count]
+        self.writer = tf.summary.create_file_writer(os.path.join(logdir, "episodes"))
+
+    def on_epoch_end(self, epoch, logs=None):
+        guesses = np.argmax(self.model.predict(self.inputs, verbose=0), axis=-1)
+        episodes = zip(self.inputs[0], self.labels, guesses, strict=True)
+        pictures = np.stack([episode_picture(*episode) for episode in episodes])
+        with self.writer.as_default():
+            tf.summary.image("validation episodes", pictures, step=epoch, max_outputs=len(pictures))
+        self.writer.flush()
+
+
 class EpochCheckpoint(keras.callbacks.Callback):
     """Saves the weights and the optimizer state after every epoch into one file, atomically.
 
@@ -438,6 +504,8 @@ def main(args, callbacks=()):
         callbacks.append(checkpoint)
         if initial_epoch >= args.epochs:
             print(f"All {args.epochs} epochs are done in {args.checkpoint_dir}.", file=sys.stderr)
+    if args.logdir:
+        callbacks += [keras.callbacks.TensorBoard(args.logdir), EpisodePictures(args.logdir, dev[0])]
     if args.recodex:
         callbacks.append(GradedEpochLine(args.epochs, names))
 

@@ -1,14 +1,6 @@
 """Bad flags and bad data files end with exit status 2 and one clear message, before any work starts.
 
-| input | answer |
-| --- | --- |
-| a count below its minimum, or not a number | `argument --FLAG: invalid value V: must be at least N` / `expected an integer` |
-| more classes than a split has characters | `argument --classes: invalid value V: the test split has only 659 characters` |
-| more images per class than a character has drawings | `argument --images_per_class: ... only 20 drawings` |
-| --save_model not ending in .keras, or in a missing folder | `argument --save_model: invalid path ...` |
-| --evaluate naming no file, or a file that is no model of this program | `argument --evaluate: ...` / `... is not a model saved by this program` |
-| --checkpoint_dir naming a file | `argument --checkpoint_dir: ... is not a folder` |
-| OMNIGLOT_DATA or the cache missing, empty, truncated, not npz, lacking keys, wrong shape or type, labels not matching | the file, what is wrong, how to fix it |
+The README's table "Bad input" lists every case tried here and the program's answer.
 """
 import os
 import subprocess
@@ -39,7 +31,8 @@ from omniglot_dataset import DataError, Omniglot
     ("--save_model=no/such/folder/m.keras",
      "argument --save_model: invalid path 'no/such/folder/m.keras': its folder does not exist"),
     ("--evaluate=no_such_model.keras", "argument --evaluate: invalid path 'no_such_model.keras': no such file"),
-    ("--checkpoint_dir=README.md", "argument --checkpoint_dir: invalid path 'README.md': it exists and is not a folder"),
+    ("--checkpoint_dir=README.md",
+     "argument --checkpoint_dir: invalid path 'README.md': it exists and is not a folder"),
 ])
 def test_bad_flag_is_refused_by_the_parser(flag, message, capsys, monkeypatch):
     monkeypatch.chdir(ROOT)

@@ -31,7 +31,7 @@ def check_episode(dataset, args, images, previous, labels):
     assert len(set(indices)) == steps, "a drawing repeats within an episode"
     characters = dataset.data["labels"][indices]
     character_of_label = {}
-    for label, character in zip(labels, characters):
+    for label, character in zip(labels, characters, strict=True):
         assert character_of_label.setdefault(label, character) == character, "a label names two characters"
     assert len(set(character_of_label.values())) == args.classes, "two labels name one character"
     return character_of_label
@@ -106,6 +106,7 @@ def test_validation_batches_stay_fixed(epochs):
     before = collect(batches)
     for _ in range(epochs):
         batches.on_epoch_end()
-    for ((images, previous), labels), ((images_before, _), labels_before) in zip(collect(batches), before):
+    for ((images, _), labels), ((images_before, _), labels_before) in zip(collect(batches), before,
+                                                                           strict=True):
         np.testing.assert_array_equal(images, images_before)
         np.testing.assert_array_equal(labels, labels_before)

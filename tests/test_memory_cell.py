@@ -32,7 +32,7 @@ def numpy_step(cell, x, h, c, read_value, memory):
         for head in range(cell.read_heads):
             similarity = np.array([cosine(keys[b, head], m) for m in memory[b]])
             weights = np.exp(similarity) / np.exp(similarity).sum()
-            reads[b, head] = sum(w * m for w, m in zip(weights, memory[b]))
+            reads[b, head] = sum(w * m for w, m in zip(weights, memory[b], strict=True))
     read_value = reads.reshape(len(x), -1)
     memory = np.concatenate([write_value[:, None], memory[:, :-1]], axis=1)
 
@@ -60,7 +60,7 @@ def test_rnn_over_cell_matches_numpy_with_several_heads_and_memory_shift():
         output, h, c, read_value, memory = numpy_step(cell, inputs[:, step], h, c, read_value, memory)
         expected_outputs.append(output)
     np.testing.assert_allclose(outputs, np.stack(expected_outputs, axis=1), atol=1e-5)
-    for state, expected in zip(states, [h, c, read_value, memory.reshape(batch, -1)]):
+    for state, expected in zip(states, [h, c, read_value, memory.reshape(batch, -1)], strict=True):
         np.testing.assert_allclose(state, expected, atol=1e-5)
 
 

@@ -1,5 +1,4 @@
 """The program end to end: graded output, determinism, saving, and learning on the real data."""
-import argparse
 import os
 import re
 import signal
