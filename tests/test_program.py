@@ -48,8 +48,10 @@ def test_learns_two_way_episodes_well_above_chance(omniglot_npz):
     lines = run_program(omniglot_npz, "--recodex", "--classes=2", "--threads=0",
                         "--train_episodes=2000", "--test_episodes=320", "--epochs=2").splitlines()
     last = metrics_of(lines[-1])
-    # Chance is 0.5, and 320 episodes of 20 steps put its noise near 0.006: 0.56 is far above it.
-    assert last["val_acc"] > 0.56 and last["val_acc2"] > 0.56, lines[-1]
+    # Chance is 0.5, and 320 episodes of 20 steps put its noise near 0.01: 0.55 is well above it.
+    assert last["val_acc"] > 0.55 and last["val_acc2"] > 0.55, lines[-1]
+    # A class seen for the first time has the label not seen yet: learned, that gives 0.75, chance 0.5.
+    assert last["val_acc1"] > 0.65, lines[-1]
 
 
 def test_saved_model_loads_with_plain_keras_and_predicts_the_same(tmp_path):
