@@ -72,34 +72,48 @@ def tensorboard_folder(text):
     return folder(text)
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """One line a flag, with its default where it has one."""
+
+    def __init__(self, prog):
+        super().__init__(prog, max_help_position=30)
+
+    def _get_help_string(self, action):
+        return action.help if action.default in (None, False) else super()._get_help_string(action)
+
+
 parser = argparse.ArgumentParser(
     description="Meta-learns few-shot Omniglot classification with a memory-augmented LSTM.",
-    formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    formatter_class=HelpFormatter)
 data = parser.add_argument_group("data (OMNIGLOT_DATA names a local npz file, else the Keras cache or a download)")
-data.add_argument("--classes", default=5, type=integer(2), help="Classes (characters) per episode.")
-data.add_argument("--images_per_class", default=10, type=integer(1), help="Drawings of each class per episode.")
-data.add_argument("--train_episodes", default=10000, type=integer(1),
+data.add_argument("--classes", default=5, type=integer(2), metavar="N", help="Classes (characters) per episode.")
+data.add_argument("--images_per_class", default=10, type=integer(1), metavar="N",
+                  help="Drawings of each class per episode.")
+data.add_argument("--train_episodes", default=10000, type=integer(1), metavar="N",
                   help="Training episodes per epoch, fresh every epoch.")
-data.add_argument("--test_episodes", default=1000, type=integer(1), help="Validation episodes, the same every epoch.")
+data.add_argument("--test_episodes", default=1000, type=integer(1), metavar="N",
+                  help="Validation episodes, the same every epoch.")
 model_flags = parser.add_argument_group("model")
-model_flags.add_argument("--lstm_dim", default=256, type=integer(1), help="Units of the LSTM controller.")
-model_flags.add_argument("--cell_size", default=40, type=integer(1), help="Units of one memory cell.")
-model_flags.add_argument("--read_heads", default=1, type=integer(0), help="Memory reads per step.")
+model_flags.add_argument("--lstm_dim", default=256, type=integer(1), metavar="N", help="Units of the LSTM controller.")
+model_flags.add_argument("--cell_size", default=40, type=integer(1), metavar="N", help="Units of one memory cell.")
+model_flags.add_argument("--read_heads", default=1, type=integer(0), metavar="N", help="Memory reads per step.")
 training = parser.add_argument_group("training")
-training.add_argument("--batch_size", default=16, type=integer(1), help="Episodes per batch.")
-training.add_argument("--epochs", default=20, type=integer(1), help="Training epochs.")
-training.add_argument("--seed", default=42, type=int, help="Random seed of the weights and training episodes.")
-training.add_argument("--threads", default=None, type=integer(0),
-                      help="CPU threads; 0 is all cores (default; 1 with --recodex).")
-training.add_argument("--checkpoint_dir", default=None, type=folder,
+training.add_argument("--batch_size", default=16, type=integer(1), metavar="N", help="Episodes per batch.")
+training.add_argument("--epochs", default=20, type=integer(1), metavar="N", help="Training epochs.")
+training.add_argument("--seed", default=42, type=int, metavar="N",
+                      help="Random seed of the weights and training episodes.")
+training.add_argument("--threads", default=None, type=integer(0), metavar="N",
+                      help="CPU threads, 0 for all cores (default: 0; 1 with --recodex).")
+training.add_argument("--checkpoint_dir", default=None, type=folder, metavar="DIR",
                       help="Save after every epoch here; the same command run again resumes after the last epoch.")
 output = parser.add_argument_group("output")
 output.add_argument("--recodex", default=False, action="store_true",
                     help="Graded mode: deterministic, one line of metrics per epoch.")
-output.add_argument("--logdir", default=None, type=tensorboard_folder,
+output.add_argument("--logdir", default=None, type=tensorboard_folder, metavar="DIR",
                     help="Write TensorBoard logs here: every metric and pictures of validation episodes per epoch.")
-output.add_argument("--save_model", default=None, type=model_file_to_write, help="Write the trained model here.")
-output.add_argument("--evaluate", default=None, type=existing_file,
+output.add_argument("--save_model", default=None, type=model_file_to_write, metavar="PATH",
+                    help="Write the trained model here.")
+output.add_argument("--evaluate", default=None, type=existing_file, metavar="PATH",
                     help="Do not train: load this .keras model and print its metrics on --test_episodes episodes.")
 
 # Validation episodes do not depend on --seed, so that runs with different seeds compare on the same episodes.
