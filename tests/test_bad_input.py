@@ -6,11 +6,12 @@ import os
 import subprocess
 import sys
 
+import keras
 import numpy as np
 import pytest
 
 from conftest import ROOT
-from learning_to_learn import parser
+from learning_to_learn import build_model, load_trained_model, parser
 from omniglot_dataset import DataError, Omniglot
 
 
@@ -135,3 +136,17 @@ def test_bad_data_file_ends_the_program_with_one_line(tmp_path, omniglot_npz):
     assert_refused(result, f"cannot read {tmp_path / 'none.npz'} as an npz file "
                            f"([Errno 2] No such file or directory: '{tmp_path / 'none.npz'}'); "
                            "point OMNIGLOT_DATA at a good copy, or unset it to use the Keras cache")
+
+
+def test_evaluate_refuses_a_foreign_model_and_one_of_other_episodes(tmp_path):
+    foreign = keras.Sequential([keras.Input([4]), keras.layers.Dense(2)])
+    foreign.save(tmp_path / "foreign.keras")
+    args = parser.parse_args(["--classes=3", "--images_per_class=2", "--lstm_dim=8", "--cell_size=4"])
+    with pytest.raises(DataError, match="foreign.keras is a Keras model but not one of this program"):
+        load_trained_model(str(tmp_path / "foreign.keras"), args)
+
+    build_model(args).save(tmp_path / "three_way.keras")
+    five_way = parser.parse_args(["--classes=5", "--images_per_class=2"])
+    with pytest.raises(DataError, match="trained on episodes of --classes=3 --images_per_class=2: evaluate it with"):
+        load_trained_model(str(tmp_path / "three_way.keras"), five_way)
+    assert load_trained_model(str(tmp_path / "three_way.keras"), args).outputs[0].shape[-1] == 3
