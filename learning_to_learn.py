@@ -17,7 +17,6 @@ import importlib.util
 import math
 import os
 import sys
-import tempfile
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TF's start-up notices would bury the epoch lines
 
@@ -26,7 +25,7 @@ import numpy as np
 import tensorflow as tf
 from keras import ops
 
-from omniglot_dataset import DataError, Omniglot
+from omniglot_dataset import DataError, Omniglot, write_atomically
 
 
 def integer(minimum):
@@ -344,18 +343,6 @@ def build_model(args):
 
 
 # Training
-
-def write_atomically(path, save, suffix):
-    """Calls `save` on a temporary path beside `path`, then renames it: a kill leaves the old file or the new."""
-    handle, temporary = tempfile.mkstemp(suffix=suffix, dir=os.path.dirname(os.path.abspath(path)))
-    os.close(handle)
-    try:
-        save(temporary)
-        os.replace(temporary, path)
-    except BaseException:
-        os.remove(temporary)
-        raise
-
 
 def metrics_line(logs, names):
     return " - ".join(f"{name}: {logs[name]:.4f}" for name in names)

@@ -34,6 +34,18 @@ class DataError(Exception):
     """The data set cannot be read or made; the message says which file and how to fix it."""
 
 
+def write_atomically(path, save, suffix):
+    """Calls `save` on a temporary path beside `path`, then renames it: a kill leaves the old file or the new."""
+    handle, temporary = tempfile.mkstemp(suffix=suffix, dir=os.path.dirname(os.path.abspath(path)))
+    os.close(handle)
+    try:
+        save(temporary)
+        os.replace(temporary, path)
+    except BaseException:
+        os.remove(temporary)
+        raise
+
+
 def cache_dir():
     """The Keras cache directory for data sets, read from `KERAS_HOME` at call time."""
     keras_home = os.environ.get("KERAS_HOME", os.path.join(os.path.expanduser("~"), ".keras"))
@@ -99,14 +111,7 @@ def download_and_convert(path):
         # A character's label is its rank within its split: the order of characters.csv.
         arrays[f"{split}_labels"] = np.unique(prefixes, return_inverse=True)[1].astype(np.int32)
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    # Written beside its final name, then renamed: a killed run leaves no half-written cache.
-    with tempfile.NamedTemporaryFile(dir=os.path.dirname(path), suffix=".tmp", delete=False) as file:
-        try:
-            np.savez_compressed(file, **arrays)
-        except BaseException:
-            os.remove(file.name)
-            raise
-    os.replace(file.name, path)
+    write_atomically(path, lambda temporary: np.savez_compressed(temporary, **arrays), suffix=".npz")
 
 
 def load_npz(path, fix):

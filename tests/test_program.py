@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 
 from conftest import ROOT
-from learning_to_learn import build_model, parser, write_atomically
+from learning_to_learn import build_model, parser
+from omniglot_dataset import write_atomically
 
 NUMBER = r"\d+\.\d{4}"
 NAMES = ["loss", "acc", "acc1", "acc2", "acc5", "acc10"]
