@@ -484,7 +484,7 @@ def main(args, callbacks=()):
     omniglot = Omniglot()
     check_episodes_fit(args, omniglot)
     names = metric_names(args)
-    if len(names) < 2 + len(OCCURRENCES):
+    if reported_occurrences(args) != OCCURRENCES:
         print(f"Note: with --images_per_class={args.images_per_class} no class appears "
               f"{OCCURRENCES[-1]} times in an episode: only {', '.join(names)} are reported.", file=sys.stderr)
     dev = EpisodeBatches(omniglot.test, args, VALIDATION_SEED, args.test_episodes, fixed=True)

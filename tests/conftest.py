@@ -1,4 +1,5 @@
 import os
+import subprocess
 import sys
 
 import pytest
@@ -15,3 +16,10 @@ def omniglot_npz():
     if not os.path.exists(path):
         pytest.fail(f"the real Omniglot data is needed at {path} (or set OMNIGLOT_DATA)")
     return os.path.abspath(path)
+
+
+def run_program(*flags, data, cwd=None):
+    """Runs learning_to_learn.py with `flags` and OMNIGLOT_DATA=`data`; returns the finished process."""
+    return subprocess.run([sys.executable, os.path.join(ROOT, "learning_to_learn.py"), *flags],
+                          env={**os.environ, "OMNIGLOT_DATA": str(data)}, cwd=cwd,
+                          capture_output=True, text=True, timeout=600)

@@ -3,14 +3,13 @@
 The README's table "Bad input" lists every case tried here and the program's answer.
 """
 import os
-import subprocess
 import sys
 
 import keras
 import numpy as np
 import pytest
 
-from conftest import ROOT
+from conftest import ROOT, run_program
 from learning_to_learn import build_model, load_trained_model, parser
 from omniglot_dataset import DataError, Omniglot
 
@@ -41,12 +40,6 @@ def test_bad_flag_is_refused_by_the_parser(flag, message, capsys, monkeypatch):
         parser.parse_args([flag])
     assert exit.value.code == 2
     assert capsys.readouterr().err.splitlines()[-1] == f"{os.path.basename(sys.argv[0])}: error: {message}"
-
-
-def run_program(*flags, data, cwd):
-    return subprocess.run([sys.executable, os.path.join(ROOT, "learning_to_learn.py"), *flags],
-                          env={**os.environ, "OMNIGLOT_DATA": str(data)}, cwd=cwd,
-                          capture_output=True, text=True, timeout=300)
 
 
 def assert_refused(result, message):

@@ -9,7 +9,7 @@ import keras
 import numpy as np
 import pytest
 
-from conftest import ROOT
+from conftest import ROOT, run_program
 from learning_to_learn import build_model, parser
 from omniglot_dataset import write_atomically
 
@@ -19,10 +19,8 @@ GRADED_LINE = re.compile(
     r"Epoch (\d+)/(\d+) " + " - ".join(f"{name}: {NUMBER}" for name in NAMES + [f"val_{n}" for n in NAMES]))
 
 
-def run_program(omniglot_npz, *flags):
-    result = subprocess.run(
-        [sys.executable, os.path.join(ROOT, "learning_to_learn.py"), *flags],
-        env={**os.environ, "OMNIGLOT_DATA": omniglot_npz}, capture_output=True, text=True, timeout=600)
+def graded_output(omniglot_npz, *flags):
+    result = run_program(*flags, data=omniglot_npz)
     assert result.returncode == 0, result.stderr[-3000:]
     return result.stdout
 
@@ -34,7 +32,7 @@ def metrics_of(line):
 @pytest.mark.parametrize("classes", [2, 5])
 def test_recodex_prints_one_graded_line_per_epoch_identically_twice(omniglot_npz, classes):
     flags = ["--recodex", "--train_episodes=160", "--test_episodes=160", "--epochs=3", f"--classes={classes}"]
-    first = run_program(omniglot_npz, *flags)
+    first = graded_output(omniglot_npz, *flags)
     lines = first.splitlines()
     assert len(lines) == 3, first
     for epoch, line in enumerate(lines, start=1):
@@ -42,11 +40,11 @@ def test_recodex_prints_one_graded_line_per_epoch_identically_twice(omniglot_npz
         assert match and match.groups() == (str(epoch), "3"), line
         # A few steps in, nothing is learned yet: the metrics stay near chance, as in the assignment.
         assert abs(metrics_of(line)["val_acc"] - 1 / classes) < 0.15, line
-    assert run_program(omniglot_npz, *flags) == first
+    assert graded_output(omniglot_npz, *flags) == first
 
 
 def test_learns_two_way_episodes_well_above_chance(omniglot_npz):
-    lines = run_program(omniglot_npz, "--recodex", "--classes=2", "--threads=0",
+    lines = graded_output(omniglot_npz, "--recodex", "--classes=2", "--threads=0",
                         "--train_episodes=2000", "--test_episodes=320", "--epochs=2").splitlines()
     last = metrics_of(lines[-1])
     # Chance is 0.5, and 320 episodes of 20 steps put its noise near 0.01: 0.55 is well above it.
@@ -68,7 +66,7 @@ def test_saved_model_loads_with_plain_keras_and_predicts_the_same(tmp_path):
 
 def test_killed_run_resumes_and_ends_like_an_uninterrupted_one(omniglot_npz, tmp_path):
     flags = ["--recodex", "--classes=2", "--train_episodes=160", "--test_episodes=160", "--epochs=3"]
-    uninterrupted = run_program(omniglot_npz, *flags).splitlines()
+    uninterrupted = graded_output(omniglot_npz, *flags).splitlines()
 
     command = [sys.executable, os.path.join(ROOT, "learning_to_learn.py"), *flags, f"--checkpoint_dir={tmp_path}"]
     env = {**os.environ, "OMNIGLOT_DATA": omniglot_npz}
@@ -77,12 +75,12 @@ def test_killed_run_resumes_and_ends_like_an_uninterrupted_one(omniglot_npz, tmp
         run.send_signal(signal.SIGKILL)
     assert first_line.rstrip("\n") == uninterrupted[0]
 
-    resumed = run_program(omniglot_npz, *flags, f"--checkpoint_dir={tmp_path}",
+    resumed = graded_output(omniglot_npz, *flags, f"--checkpoint_dir={tmp_path}",
                           f"--save_model={tmp_path / 'model.keras'}").splitlines()
     assert resumed == uninterrupted[1:], "the resumed run must print only the epochs it trains, identically"
 
     # The saved model gives the last epoch's validation metrics again.
-    evaluation = run_program(omniglot_npz, "--recodex", "--classes=2", "--test_episodes=160",
+    evaluation = graded_output(omniglot_npz, "--recodex", "--classes=2", "--test_episodes=160",
                              f"--evaluate={tmp_path / 'model.keras'}").splitlines()
     last = uninterrupted[-1]
     assert evaluation == ["Test " + last[last.index("val_"):].replace("val_", "")]
@@ -106,10 +104,8 @@ def test_atomic_write_keeps_the_old_file_when_a_save_fails(tmp_path):
 
 
 def test_images_per_class_below_ten_reports_no_acc10(omniglot_npz):
-    result = subprocess.run(
-        [sys.executable, os.path.join(ROOT, "learning_to_learn.py"), "--recodex", "--images_per_class=3",
-         "--train_episodes=16", "--test_episodes=16", "--epochs=1"],
-        env={**os.environ, "OMNIGLOT_DATA": omniglot_npz}, capture_output=True, text=True, timeout=300)
+    result = run_program("--recodex", "--images_per_class=3", "--train_episodes=16", "--test_episodes=16",
+                         "--epochs=1", data=omniglot_npz)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "no class appears 10 times in an episode: only loss, acc, acc1, acc2 are reported" in result.stderr
     names = re.findall(r"(\w+): \d", result.stdout)

@@ -1,13 +1,11 @@
 """--logdir: TensorBoard event files with every metric and pictures of validation episodes."""
 import glob
 import os
-import subprocess
-import sys
 
 import numpy as np
 import tensorflow as tf
 
-from conftest import ROOT
+from conftest import run_program
 from learning_to_learn import DIGITS, GREEN, RED, WHITE, episode_picture
 
 
@@ -22,11 +20,8 @@ def summaries(folder):
 
 
 def test_logdir_holds_occurrence_accuracies_and_episode_pictures(omniglot_npz, tmp_path):
-    result = subprocess.run(
-        [sys.executable, os.path.join(ROOT, "learning_to_learn.py"), "--classes=3", "--train_episodes=96",
-         "--test_episodes=32", "--epochs=2", "--logdir=logs"],
-        env={**os.environ, "OMNIGLOT_DATA": omniglot_npz}, cwd=tmp_path, capture_output=True, text=True,
-        timeout=600)
+    result = run_program("--classes=3", "--train_episodes=96", "--test_episodes=32", "--epochs=2", "--logdir=logs",
+                         data=omniglot_npz, cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
 
     for run in ["train", "validation"]:
