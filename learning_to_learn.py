@@ -174,36 +174,36 @@ class EpisodeGenerator:
             yield (self._images[indices], previous_labels(labels)), labels
 
 
-class EpisodeBatches(keras.utils.PyDataset):
-    """`episodes` episodes of `EpisodeGenerator` in batches, for `model.fit`.
+def episode_batches(dataset, args, seed, episodes, epochs=None):
+    """`episodes` episodes of `EpisodeGenerator` in batches of `args.batch_size`: a `tf.data.Dataset` for `model.fit`.
 
-    Unless `fixed`, every epoch draws fresh episodes, seeded by `(seed, epoch)`
-    alone, so that the episodes of an epoch do not depend on what came before.
+    Without `epochs`, one fixed set of episodes (validation). With `epochs`, a
+    `range` of epoch numbers, every epoch draws fresh episodes, seeded by
+    `(seed, epoch)` alone so that the episodes of an epoch do not depend on
+    what came before; the epochs' batches follow one another, and `fit` needs
+    `steps_per_epoch`. Images are gathered in the graph: no Python per batch.
     """
+    images = tf.constant(dataset.data["images"])
 
-    def __init__(self, dataset, args, seed, episodes, fixed=False):
-        super().__init__()
-        self._dataset, self._args, self._seed = dataset, args, seed
-        self._episodes, self._fixed = episodes, fixed
-        self.set_epoch(0)
+    def sample(epoch):
+        indices, labels = EpisodeGenerator(dataset, args, seed=[seed, epoch]).sample(episodes)
+        return indices, previous_labels(labels), labels
 
-    def set_epoch(self, epoch):
-        self._epoch = epoch
-        generator = EpisodeGenerator(self._dataset, self._args, seed=[self._seed, epoch])
-        self._indices, self._labels = generator.sample(self._episodes)
+    def epoch_batches(epoch):
+        if epochs is None:
+            indices, previous, labels = sample(0)
+        else:
+            arrays = tf.numpy_function(sample, [epoch], [tf.int64, tf.int32, tf.int32])
+            # numpy_function forgets shapes; batching needs them back.
+            shape = (episodes, args.classes * args.images_per_class)
+            indices, previous, labels = [tf.ensure_shape(array, shape) for array in arrays]
+        return tf.data.Dataset.from_tensor_slices((indices, previous, labels)).batch(args.batch_size)
 
-    def __len__(self):
-        return math.ceil(self._episodes / self._args.batch_size)
-
-    def __getitem__(self, batch):
-        episodes = slice(batch * self._args.batch_size, (batch + 1) * self._args.batch_size)
-        labels = self._labels[episodes]
-        images = self._dataset.data["images"][self._indices[episodes]]
-        return (images, previous_labels(labels)), labels
-
-    def on_epoch_end(self):
-        if not self._fixed:
-            self.set_epoch(self._epoch + 1)
+    if epochs is None:
+        batches = epoch_batches(0)
+    else:
+        batches = tf.data.Dataset.range(epochs.start, epochs.stop).flat_map(epoch_batches)
+    return batches.map(lambda indices, previous, labels: ((tf.gather(images, indices), previous), labels)).prefetch(2)
 
 
 # Model
@@ -230,6 +230,27 @@ class NthOccurrenceAccuracy(keras.metrics.Mean):
         return config
 
 
+def tree_flat(structure):
+    return tuple(keras.tree.flatten(structure))
+
+
+EPSILON = keras.config.epsilon()  # the floor of ops.normalize on a norm
+
+
+def unit_vectors(x):
+    """`ops.normalize(x)` over the last axis, and the inverse norms it used (the backward pass needs them)."""
+    inverse_norms = ops.minimum(ops.rsqrt(ops.sum(ops.square(x), axis=-1, keepdims=True)), 1 / EPSILON)
+    return x * inverse_norms, inverse_norms
+
+
+def unit_vectors_backward(units, inverse_norms, gradient):
+    """The gradient with respect to x, given the `gradient` with respect to `unit_vectors(x)`."""
+    # An empty cell's norm is floored: the cell was only scaled, with no projection to undo.
+    floored = ops.cast(inverse_norms >= 1 / EPSILON, units.dtype)
+    along = ops.sum(units * gradient, axis=-1, keepdims=True)
+    return inverse_norms * (gradient - (1 - floored) * units * along)
+
+
 @keras.saving.register_keras_serializable(package="learning_to_learn")
 class MemoryAugmentedLSTM(keras.layers.Layer):
     """An LSTM controller with an external memory of `memory_cells` cells of `cell_size` units.
@@ -243,6 +264,7 @@ class MemoryAugmentedLSTM(keras.layers.Layer):
     def __init__(self, units, memory_cells, cell_size, read_heads, **kwargs):
         super().__init__(**kwargs)
         self.units, self.memory_cells, self.cell_size, self.read_heads = units, memory_cells, cell_size, read_heads
+        # Owns the controller's weights, with Keras's LSTM initializers; `step` spells out its equations.
         self.controller = keras.layers.LSTMCell(units)
         # The write value first, then the read keys.
         self.interface_layer = keras.layers.Dense((read_heads + 1) * cell_size, activation="tanh")
@@ -252,38 +274,66 @@ class MemoryAugmentedLSTM(keras.layers.Layer):
         self.output_size = units
 
     def build(self, input_shape):
+        self.input_size = input_shape[-1]
         read_size = self.read_heads * self.cell_size
-        self.controller.build((None, input_shape[-1] + read_size))
+        self.controller.build((None, self.input_size + read_size))
         self.interface_layer.build((None, self.units))
         self.output_layer.build((None, self.units + read_size))
 
-    def _read(self, memory, read_keys):
+    def project(self, inputs):
+        """The part of the controller's gates that comes from the cell's input alone: it does not recur."""
+        return ops.matmul(inputs, self.controller.kernel[:self.input_size]) + self.controller.bias
+
+    def step_weights(self):
+        """The weights `step` uses: [h, read value] -> gates, and the interface layer's kernel and bias."""
+        recurrent = ops.concatenate([self.controller.recurrent_kernel, self.controller.kernel[self.input_size:]])
+        return recurrent, self.interface_layer.kernel, self.interface_layer.bias
+
+    def _read_weights(self, memory, read_keys):
         # memory: (batch, memory_cells, cell_size), read_keys: (batch, read_heads, cell_size)
-        similarity = ops.einsum("bhc,bmc->bhm", ops.normalize(read_keys), ops.normalize(memory))
-        read_value = ops.matmul(ops.softmax(similarity, axis=-1), memory)
+        similarity = ops.einsum("bhc,bmc->bhm", unit_vectors(read_keys)[0], unit_vectors(memory)[0])
+        return ops.softmax(similarity, axis=-1)
+
+    def _read(self, memory, read_keys):
+        read_value = ops.matmul(self._read_weights(memory, read_keys), memory)
         return ops.reshape(read_value, (ops.shape(memory)[0], self.read_heads * self.cell_size))
 
     def _write(self, memory, write_value):
         # newest write first; the oldest cell drops
         return ops.concatenate([write_value[:, None], memory[:, :-1]], axis=1)
 
+    def step(self, projected_input, h, c, read_value, memory, weights):
+        """One step from `project(input)` and the state, with `step_weights()`.
+
+        Returns the new state (h, c, read value, memory) and what the backward pass
+        of `MemoryAugmentedRNN` keeps of the step: the activated gates, the interface, the read weights.
+        """
+        # h, c: (batch, units), read_value: (batch, read_heads * cell_size),
+        # memory: (batch, memory_cells, cell_size), projected_input: (batch, 4 * units)
+        recurrent_kernel, interface_kernel, interface_bias = weights
+        gates = projected_input + ops.matmul(ops.concatenate([h, read_value], axis=-1), recurrent_kernel)
+        input_gate, forget_gate, candidate, output_gate = ops.split(gates, 4, axis=-1)
+        gates = [ops.sigmoid(input_gate), ops.sigmoid(forget_gate), ops.tanh(candidate), ops.sigmoid(output_gate)]
+        c = gates[1] * c + gates[0] * gates[2]
+        h = gates[3] * ops.tanh(c)
+
+        interface = ops.tanh(ops.matmul(h, interface_kernel) + interface_bias)
+        write_value = interface[:, :self.cell_size]
+        # An explicit batch size: with --read_heads=0 the keys are empty and -1 could not be inferred.
+        batch_size = ops.shape(h)[0]
+        read_keys = ops.reshape(interface[:, self.cell_size:], (batch_size, self.read_heads, self.cell_size))
+        read_weights = self._read_weights(memory, read_keys)
+        read_value = ops.reshape(ops.matmul(read_weights, memory), (batch_size, self.read_heads * self.cell_size))
+        memory = self._write(memory, write_value)
+        return (h, c, read_value, memory), (ops.concatenate(gates, axis=-1), interface, read_weights)
+
     def call(self, inputs, states, training=None):
         # states: [h (batch, units), c (batch, units), read_value (batch, read_heads * cell_size),
         #          memory (batch, memory_cells * cell_size)]
         h, c, read_value, memory = states
         memory = ops.reshape(memory, (-1, self.memory_cells, self.cell_size))
-        controller_output, (h, c) = self.controller(
-            ops.concatenate([inputs, read_value], axis=-1), [h, c], training=training)
-
-        interface = self.interface_layer(controller_output)
-        write_value = interface[:, :self.cell_size]
-        # An explicit batch size: with --read_heads=0 the keys are empty and -1 could not be inferred.
-        batch_size = ops.shape(inputs)[0]
-        read_keys = ops.reshape(interface[:, self.cell_size:], (batch_size, self.read_heads, self.cell_size))
-        read_value = self._read(memory, read_keys)
-        memory = self._write(memory, write_value)
-
-        output = self.output_layer(ops.concatenate([controller_output, read_value], axis=-1))
+        (h, c, read_value, memory), _ = self.step(self.project(inputs), h, c, read_value, memory, self.step_weights())
+        output = self.output_layer(ops.concatenate([h, read_value], axis=-1))
         return output, [h, c, read_value, ops.reshape(memory, (-1, self.memory_cells * self.cell_size))]
 
     def get_config(self):
@@ -291,6 +341,115 @@ class MemoryAugmentedLSTM(keras.layers.Layer):
         config.update(units=self.units, memory_cells=self.memory_cells,
                       cell_size=self.cell_size, read_heads=self.read_heads)
         return config
+
+
+@keras.saving.register_keras_serializable(package="learning_to_learn")
+class MemoryAugmentedRNN(keras.layers.RNN):
+    """`keras.layers.RNN` over a `MemoryAugmentedLSTM`, the same results in a fast loop with its own gradient.
+
+    As `keras.layers.LSTM` hands its loop to cuDNN, this layer runs the cell's
+    `step` in one scan, and backpropagates through time with a second scan
+    written by hand: automatic differentiation of a loop adds up every
+    weight's gradient step by step in small matrix products, while here the
+    backward loop emits the gradients of each step's gates and interface, and
+    each weight's gradient is then one large product over all steps. The
+    input projection and the output layer do not recur: they run over all
+    steps at once.
+    """
+
+    def inner_loop(self, sequences, initial_state, mask, training=False):
+        if mask is not None or self.go_backwards or self.unroll:
+            return super().inner_loop(sequences, initial_state, mask, training=training)
+        cell = self.cell
+        h, c, read_value, memory = initial_state
+        memory = ops.reshape(memory, (-1, cell.memory_cells, cell.cell_size))
+        projected = ops.transpose(cell.project(sequences), [1, 0, 2])  # time first, as scans want
+        # Tensors, not variables: tf.custom_gradient would want to differentiate variables itself.
+        weights = [tf.identity(weight) for weight in cell.step_weights()]
+        hs, read_values, c, memory = self._recurrence(projected, h, c, read_value, memory, *weights)
+        outputs = cell.output_layer(ops.concatenate([hs, read_values], axis=-1))
+        outputs = ops.transpose(outputs, [1, 0, 2])
+        states = [hs[-1], c, read_values[-1], ops.reshape(memory, (-1, cell.memory_cells * cell.cell_size))]
+        return outputs[:, -1], outputs, states
+
+    def _recurrence(self, projected, h, c, read_value, memory, *weights):
+        """The cell's steps over `projected` (steps, batch, 4 * units) from the state (h, c, read value, memory).
+
+        Returns every step's h and read value, the last c and the last memory.
+        """
+        cell = self.cell
+
+        @tf.custom_gradient
+        def recurrence(projected, h, c, read_value, memory, *weights):
+            # tf.scan stacks its whole carry: the state, then what the backward pass keeps of each step.
+            batch_size = ops.shape(h)[0]
+            nothing_kept = (ops.zeros_like(projected[0]),
+                            ops.zeros((batch_size, (cell.read_heads + 1) * cell.cell_size)),
+                            ops.zeros((batch_size, cell.read_heads, cell.memory_cells)))
+            hs, cs, read_values, memories, *kept = tf.scan(
+                lambda carry, projected_input: tree_flat(cell.step(projected_input, *carry[:4], weights)),
+                projected, initializer=(h, c, read_value, memory, *nothing_kept))
+            c_before, memory_before = [ops.concatenate([first[None], stack[:-1]]) for first, stack in
+                                       [(c, cs), (memory, memories)]]
+
+            def backward(d_hs, d_read_values, d_c_last, d_memory_last):
+                recurrent_kernel, interface_kernel, _ = weights
+                d_state = (ops.zeros_like(ops.concatenate([h, read_value], axis=-1)), d_c_last, d_memory_last,
+                           *[ops.zeros_like(kept_value[0]) for kept_value in kept[:2]])
+                d_h_reads, d_cs, d_memories, d_gates, d_interfaces = tf.scan(
+                    lambda d_state, step: self._step_backward(d_state[:3], step, recurrent_kernel, interface_kernel),
+                    (d_hs, d_read_values, c_before, cs, memory_before, *kept), initializer=d_state, reverse=True)
+
+                # Each weight's gradient: one product over all steps and episodes.
+                h_read_before = ops.concatenate([ops.concatenate([h[None], hs[:-1]]),
+                                                 ops.concatenate([read_value[None], read_values[:-1]])], axis=-1)
+                d_weights = [ops.tensordot(h_read_before, d_gates, [[0, 1], [0, 1]]),
+                             ops.tensordot(hs, d_interfaces, [[0, 1], [0, 1]]), ops.sum(d_interfaces, axis=[0, 1])]
+                d_h, d_read_value = d_h_reads[0, :, :cell.units], d_h_reads[0, :, cell.units:]
+                return d_gates, d_h, d_cs[0], d_read_value, d_memories[0], *d_weights
+
+            return (hs, read_values, cs[-1], memories[-1]), backward
+
+        return recurrence(projected, h, c, read_value, memory, *weights)
+
+    def _step_backward(self, d_state, step, recurrent_kernel, interface_kernel):
+        """`MemoryAugmentedLSTM.step` differentiated by hand, from the gradient of its new state to the old one's.
+
+        `d_state` holds the gradients that later steps send back: of [h, read value] (through
+        the next gates), of c and of the memory after this step; `step` what the forward pass kept.
+        Returns the gradients of the step's old state, then of its gates and interface before their activations.
+        """
+        cell = self.cell
+        d_h_read, d_c, d_memory_after = d_state
+        d_h, d_read_value, c_before, c, memory, gates, interface, read_weights = step
+        batch_size = ops.shape(d_h)[0]
+        d_h = d_h + d_h_read[:, :cell.units]
+        d_read_value = ops.reshape(d_read_value + d_h_read[:, cell.units:], (batch_size, cell.read_heads, -1))
+
+        # The read: read_value = read_weights @ memory, read_weights = softmax(unit keys @ unit cells).
+        unit_keys, key_norms = unit_vectors(ops.reshape(interface[:, cell.cell_size:], ops.shape(d_read_value)))
+        unit_cells, cell_norms = unit_vectors(memory)
+        d_read_weights = ops.einsum("bhc,bmc->bhm", d_read_value, memory)
+        d_similarity = read_weights * (d_read_weights - ops.sum(read_weights * d_read_weights, -1, keepdims=True))
+        d_keys = unit_vectors_backward(unit_keys, key_norms, ops.einsum("bhm,bmc->bhc", d_similarity, unit_cells))
+        d_memory = (ops.einsum("bhm,bhc->bmc", read_weights, d_read_value)
+                    + unit_vectors_backward(unit_cells, cell_norms,
+                                            ops.einsum("bhm,bhc->bmc", d_similarity, unit_keys))
+                    # the write: cell i + 1 after the step was cell i before it
+                    + ops.pad(d_memory_after[:, 1:], [[0, 0], [0, 1], [0, 0]]))
+        d_interface = ops.concatenate([d_memory_after[:, 0], ops.reshape(d_keys, (batch_size, -1))], axis=-1)
+        d_interface = d_interface * (1 - interface * interface)  # through the tanh
+        d_h = d_h + ops.matmul(d_interface, ops.transpose(interface_kernel))
+
+        # The controller: c = f * c_before + i * g, h = o * tanh(c).
+        input_gate, forget_gate, candidate, output_gate = ops.split(gates, 4, axis=-1)
+        tanh_c = ops.tanh(c)
+        d_c = d_c + d_h * output_gate * (1 - tanh_c * tanh_c)
+        d_gates = ops.concatenate([d_c * candidate * input_gate * (1 - input_gate),
+                                   d_c * c_before * forget_gate * (1 - forget_gate),
+                                   d_c * input_gate * (1 - candidate * candidate),
+                                   d_h * tanh_c * output_gate * (1 - output_gate)], axis=-1)
+        return ops.matmul(d_gates, ops.transpose(recurrent_kernel)), d_c * forget_gate, d_memory, d_gates, d_interface
 
 
 def image_features():
@@ -326,7 +485,7 @@ def build_model(args):
 
     cell = MemoryAugmentedLSTM(args.lstm_dim, memory_cells=steps, cell_size=args.cell_size,
                                read_heads=args.read_heads)
-    outputs = keras.layers.RNN(cell, return_sequences=True)(inputs)
+    outputs = MemoryAugmentedRNN(cell, return_sequences=True)(inputs)
     predictions = keras.layers.Dense(args.classes, activation="softmax")(outputs)
 
     model = keras.Model([images, labels], predictions)
@@ -401,7 +560,7 @@ class EpisodePictures(keras.callbacks.Callback):
 
     def __init__(self, logdir, batch, count=3):
         super().__init__()
-        (images, previous), labels = batch
+        (images, previous), labels = keras.tree.map_structure(np.asarray, batch)
         self.inputs, self.labels = (images[:count], previous[:count]), labels[:count]
         self.writer = tf.summary.create_file_writer(os.path.join(logdir, "episodes"))
 
@@ -487,7 +646,7 @@ def main(args, callbacks=()):
     if reported_occurrences(args) != OCCURRENCES:
         print(f"Note: with --images_per_class={args.images_per_class} no class appears "
               f"{OCCURRENCES[-1]} times in an episode: only {', '.join(names)} are reported.", file=sys.stderr)
-    dev = EpisodeBatches(omniglot.test, args, VALIDATION_SEED, args.test_episodes, fixed=True)
+    dev = episode_batches(omniglot.test, args, VALIDATION_SEED, args.test_episodes)
 
     if args.evaluate:
         model = load_trained_model(args.evaluate, args)
@@ -495,25 +654,24 @@ def main(args, callbacks=()):
         print(f"Test {metrics_line(logs, names)}", flush=True)
         return logs
 
-    train = EpisodeBatches(omniglot.train, args, args.seed, args.train_episodes)
     model = build_model(args)
+    steps_per_epoch = math.ceil(args.train_episodes / args.batch_size)
     callbacks, initial_epoch = list(callbacks), 0
     if args.checkpoint_dir:
-        checkpoint = EpochCheckpoint(args.checkpoint_dir, steps_per_epoch=len(train))
+        checkpoint = EpochCheckpoint(args.checkpoint_dir, steps_per_epoch)
         initial_epoch = checkpoint.restore(model)
-        train.set_epoch(initial_epoch)
         callbacks.append(checkpoint)
         if initial_epoch >= args.epochs:
             print(f"All {args.epochs} epochs are done in {args.checkpoint_dir}.", file=sys.stderr)
     if args.logdir:
-        callbacks += [keras.callbacks.TensorBoard(args.logdir), EpisodePictures(args.logdir, dev[0])]
+        callbacks += [keras.callbacks.TensorBoard(args.logdir), EpisodePictures(args.logdir, next(iter(dev)))]
     if args.recodex:
         callbacks.append(GradedEpochLine(args.epochs, names))
 
-    # No shuffle: the episodes are random already, and Keras would shuffle batches with Python's global
-    # random state, which a resumed run cannot restore.
-    logs = model.fit(train, epochs=args.epochs, initial_epoch=initial_epoch, validation_data=dev, shuffle=False,
-                     verbose=0 if args.recodex else "auto", callbacks=callbacks)
+    train = episode_batches(omniglot.train, args, args.seed, args.train_episodes,
+                            epochs=range(initial_epoch, args.epochs))
+    logs = model.fit(train, epochs=args.epochs, steps_per_epoch=steps_per_epoch, initial_epoch=initial_epoch,
+                     validation_data=dev, verbose=0 if args.recodex else "auto", callbacks=callbacks)
     if args.save_model:
         write_atomically(args.save_model, model.save, suffix=".keras")
     return logs.history

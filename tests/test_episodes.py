@@ -2,9 +2,8 @@
 import argparse
 
 import numpy as np
-import pytest
 
-from learning_to_learn import EpisodeBatches, EpisodeGenerator, previous_labels
+from learning_to_learn import EpisodeGenerator, episode_batches, previous_labels
 
 
 def make_dataset(counts):
@@ -76,37 +75,38 @@ def test_previous_labels_shift_by_one_with_minus_one_first():
 
 
 def collect(batches):
-    return [batches[i] for i in range(len(batches))]
+    return [((images.numpy(), previous.numpy()), labels.numpy()) for (images, previous), labels in batches]
 
 
 def test_training_batches_hold_the_definition_and_are_fresh_every_epoch():
     dataset, args = make_dataset([20] * 12), make_args(batch_size=5)
-    batches = EpisodeBatches(dataset, args, seed=7, episodes=12)
-    assert len(batches) == 3
-    epoch1 = collect(batches)
-    assert [len(labels) for _, labels in epoch1] == [5, 5, 2]
-    for (images, previous), labels in epoch1:
+    batches = collect(episode_batches(dataset, args, seed=7, episodes=12, epochs=range(2)))
+    assert [len(labels) for _, labels in batches] == [5, 5, 2] * 2, "an epoch is 12 episodes, its own batches"
+    for (images, previous), labels in batches:
         for episode in range(len(labels)):
             check_episode(dataset, args, images[episode], previous[episode], labels[episode])
 
-    batches.on_epoch_end()
-    epoch2 = collect(batches)
-    assert not np.array_equal(epoch1[0][0][0], epoch2[0][0][0]), "training repeats its episodes"
+    # The batches are the generator's episodes, drawn for (seed, epoch).
+    indices, labels = EpisodeGenerator(dataset, args, seed=[7, 1]).sample(12)
+    np.testing.assert_array_equal(batches[3][0][0][:, :, 0, 0, 0], indices[:5])
+    np.testing.assert_array_equal(batches[3][1], labels[:5])
+    assert not np.array_equal(batches[0][1], batches[3][1]), "training repeats its episodes"
 
-    # The episodes of an epoch depend on the seed and the epoch alone.
-    replay = EpisodeBatches(dataset, args, seed=7, episodes=12)
-    replay.on_epoch_end()
-    np.testing.assert_array_equal(collect(replay)[1][0][0], epoch2[1][0][0])
+    # The episodes of an epoch depend on the seed and the epoch alone: a resumed run draws the same.
+    resumed = collect(episode_batches(dataset, args, seed=7, episodes=12, epochs=range(1, 2)))
+    for ((images, previous), labels), ((images_then, previous_then), labels_then) in zip(resumed, batches[3:],
+                                                                                          strict=True):
+        np.testing.assert_array_equal(images, images_then)
+        np.testing.assert_array_equal(previous, previous_then)
+        np.testing.assert_array_equal(labels, labels_then)
 
 
-@pytest.mark.parametrize("epochs", [1, 3])
-def test_validation_batches_stay_fixed(epochs):
+def test_validation_batches_stay_fixed():
     dataset, args = make_dataset([20] * 12), make_args()
-    batches = EpisodeBatches(dataset, args, seed=42, episodes=10, fixed=True)
-    before = collect(batches)
-    for _ in range(epochs):
-        batches.on_epoch_end()
-    for ((images, _), labels), ((images_before, _), labels_before) in zip(collect(batches), before,
-                                                                           strict=True):
-        np.testing.assert_array_equal(images, images_before)
-        np.testing.assert_array_equal(labels, labels_before)
+    batches = episode_batches(dataset, args, seed=42, episodes=10)
+    first, again = collect(batches), collect(batches)
+    assert [len(labels) for _, labels in first] == [5, 5]
+    for ((images, previous), labels), ((images_again, previous_again), labels_again) in zip(first, again, strict=True):
+        np.testing.assert_array_equal(images, images_again)
+        np.testing.assert_array_equal(previous, previous_again)
+        np.testing.assert_array_equal(labels, labels_again)

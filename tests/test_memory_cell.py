@@ -1,8 +1,10 @@
 """The memory-augmented cell against a plain numpy version of the same equations."""
 import keras
 import numpy as np
+import pytest
+import tensorflow as tf
 
-from learning_to_learn import MemoryAugmentedLSTM
+from learning_to_learn import MemoryAugmentedLSTM, MemoryAugmentedRNN
 
 
 def sigmoid(x):
@@ -91,3 +93,32 @@ def test_read_weights_cells_by_softmax_of_cosine_similarity():
     expected_head2 = 0.5 * np.array([2, 0]) + 0.5 * np.array([0, 3])
     np.testing.assert_allclose(cell._read(memory, keys), [np.concatenate([expected_head1, expected_head2])],
                                rtol=1e-6)
+
+
+@pytest.mark.parametrize("read_heads, memory_cells, jit_compile", [(1, 7, False), (3, 4, True), (0, 7, True)])
+def test_fused_layer_matches_the_cell_loop_and_its_automatic_gradients(read_heads, memory_cells, jit_compile):
+    # 7 steps: with 4 cells old cells drop; 0 heads is the LSTM-only baseline.
+    batch, steps, features, units, cell_size = 3, 7, 5, 6, 4
+    rng = np.random.default_rng(0)
+    inputs = tf.constant(rng.normal(size=[batch, steps, features]), tf.float32)
+    state_sizes = [units, units, read_heads * cell_size, memory_cells * cell_size]
+    initial_state = [tf.constant(rng.normal(size=[batch, size]), tf.float32) for size in state_sizes]
+    # A loss that weighs every output and every final state, so that every gradient path counts.
+    output_weights = [tf.constant(rng.normal(size=[batch, steps, units]), tf.float32)]
+    output_weights += [tf.constant(rng.normal(size=[batch, size]), tf.float32) for size in state_sizes]
+
+    cell = MemoryAugmentedLSTM(units, memory_cells, cell_size, read_heads)
+
+    def outputs_and_gradients(rnn_class):
+        rnn = rnn_class(cell, return_sequences=True, return_state=True)
+        with tf.GradientTape() as tape:
+            tape.watch([inputs, *initial_state])
+            outputs = rnn(inputs, initial_state=initial_state)
+            loss = sum(tf.reduce_sum(output * weight) for output, weight in zip(outputs, output_weights, strict=True))
+        return outputs, tape.gradient(loss, [inputs, *initial_state, *cell.trainable_variables])
+
+    automatic = tf.function(lambda: outputs_and_gradients(keras.layers.RNN), jit_compile=jit_compile)()
+    fused = tf.function(lambda: outputs_and_gradients(MemoryAugmentedRNN), jit_compile=jit_compile)()
+    assert len(automatic[1]) == 5 + 7  # inputs, 4 states, 3 + 2 + 2 weights
+    for expected, actual in zip(tf.nest.flatten(automatic), tf.nest.flatten(fused), strict=True):
+        np.testing.assert_allclose(actual, expected, rtol=1e-4, atol=1e-5)
