@@ -230,10 +230,6 @@ class NthOccurrenceAccuracy(keras.metrics.Mean):
         return config
 
 
-def tree_flat(structure):
-    return tuple(keras.tree.flatten(structure))
-
-
 EPSILON = keras.config.epsilon()  # the floor of ops.normalize on a norm
 
 
@@ -289,14 +285,13 @@ class MemoryAugmentedLSTM(keras.layers.Layer):
         recurrent = ops.concatenate([self.controller.recurrent_kernel, self.controller.kernel[self.input_size:]])
         return recurrent, self.interface_layer.kernel, self.interface_layer.bias
 
-    def _read_weights(self, memory, read_keys):
+    def _read(self, memory, read_keys):
+        """Returns the read value (batch, read_heads * cell_size) and the read weights (batch, read_heads, cells)."""
         # memory: (batch, memory_cells, cell_size), read_keys: (batch, read_heads, cell_size)
         similarity = ops.einsum("bhc,bmc->bhm", unit_vectors(read_keys)[0], unit_vectors(memory)[0])
-        return ops.softmax(similarity, axis=-1)
-
-    def _read(self, memory, read_keys):
-        read_value = ops.matmul(self._read_weights(memory, read_keys), memory)
-        return ops.reshape(read_value, (ops.shape(memory)[0], self.read_heads * self.cell_size))
+        read_weights = ops.softmax(similarity, axis=-1)
+        read_value = ops.matmul(read_weights, memory)  # all heads in one product
+        return ops.reshape(read_value, (ops.shape(memory)[0], self.read_heads * self.cell_size)), read_weights
 
     def _write(self, memory, write_value):
         # newest write first; the oldest cell drops
@@ -322,8 +317,7 @@ class MemoryAugmentedLSTM(keras.layers.Layer):
         # An explicit batch size: with --read_heads=0 the keys are empty and -1 could not be inferred.
         batch_size = ops.shape(h)[0]
         read_keys = ops.reshape(interface[:, self.cell_size:], (batch_size, self.read_heads, self.cell_size))
-        read_weights = self._read_weights(memory, read_keys)
-        read_value = ops.reshape(ops.matmul(read_weights, memory), (batch_size, self.read_heads * self.cell_size))
+        read_value, read_weights = self._read(memory, read_keys)
         memory = self._write(memory, write_value)
         return (h, c, read_value, memory), (ops.concatenate(gates, axis=-1), interface, read_weights)
 
@@ -381,14 +375,17 @@ class MemoryAugmentedRNN(keras.layers.RNN):
 
         @tf.custom_gradient
         def recurrence(projected, h, c, read_value, memory, *weights):
+            def forward(carry, projected_input):
+                state, kept = cell.step(projected_input, *carry[:4], weights)
+                return (*state, *kept)
+
             # tf.scan stacks its whole carry: the state, then what the backward pass keeps of each step.
             batch_size = ops.shape(h)[0]
             nothing_kept = (ops.zeros_like(projected[0]),
                             ops.zeros((batch_size, (cell.read_heads + 1) * cell.cell_size)),
                             ops.zeros((batch_size, cell.read_heads, cell.memory_cells)))
             hs, cs, read_values, memories, *kept = tf.scan(
-                lambda carry, projected_input: tree_flat(cell.step(projected_input, *carry[:4], weights)),
-                projected, initializer=(h, c, read_value, memory, *nothing_kept))
+                forward, projected, initializer=(h, c, read_value, memory, *nothing_kept))
             c_before, memory_before = [ops.concatenate([first[None], stack[:-1]]) for first, stack in
                                        [(c, cs), (memory, memories)]]
 
@@ -424,10 +421,11 @@ class MemoryAugmentedRNN(keras.layers.RNN):
         d_h, d_read_value, c_before, c, memory, gates, interface, read_weights = step
         batch_size = ops.shape(d_h)[0]
         d_h = d_h + d_h_read[:, :cell.units]
-        d_read_value = ops.reshape(d_read_value + d_h_read[:, cell.units:], (batch_size, cell.read_heads, -1))
+        heads_shape = (batch_size, cell.read_heads, cell.cell_size)
+        d_read_value = ops.reshape(d_read_value + d_h_read[:, cell.units:], heads_shape)
 
         # The read: read_value = read_weights @ memory, read_weights = softmax(unit keys @ unit cells).
-        unit_keys, key_norms = unit_vectors(ops.reshape(interface[:, cell.cell_size:], ops.shape(d_read_value)))
+        unit_keys, key_norms = unit_vectors(ops.reshape(interface[:, cell.cell_size:], heads_shape))
         unit_cells, cell_norms = unit_vectors(memory)
         d_read_weights = ops.einsum("bhc,bmc->bhm", d_read_value, memory)
         d_similarity = read_weights * (d_read_weights - ops.sum(read_weights * d_read_weights, -1, keepdims=True))
@@ -437,7 +435,8 @@ class MemoryAugmentedRNN(keras.layers.RNN):
                                             ops.einsum("bhm,bhc->bmc", d_similarity, unit_keys))
                     # the write: cell i + 1 after the step was cell i before it
                     + ops.pad(d_memory_after[:, 1:], [[0, 0], [0, 1], [0, 0]]))
-        d_interface = ops.concatenate([d_memory_after[:, 0], ops.reshape(d_keys, (batch_size, -1))], axis=-1)
+        d_keys = ops.reshape(d_keys, (batch_size, cell.read_heads * cell.cell_size))
+        d_interface = ops.concatenate([d_memory_after[:, 0], d_keys], axis=-1)  # the write value is cell 0 after
         d_interface = d_interface * (1 - interface * interface)  # through the tanh
         d_h = d_h + ops.matmul(d_interface, ops.transpose(interface_kernel))
 

@@ -91,7 +91,7 @@ def test_read_weights_cells_by_softmax_of_cosine_similarity():
     weight = np.exp(1) / (np.exp(1) + 1)
     expected_head1 = weight * np.array([2, 0]) + (1 - weight) * np.array([0, 3])
     expected_head2 = 0.5 * np.array([2, 0]) + 0.5 * np.array([0, 3])
-    np.testing.assert_allclose(cell._read(memory, keys), [np.concatenate([expected_head1, expected_head2])],
+    np.testing.assert_allclose(cell._read(memory, keys)[0], [np.concatenate([expected_head1, expected_head2])],
                                rtol=1e-6)
 
 
