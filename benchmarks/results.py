@@ -3,7 +3,7 @@
 
     OMNIGLOT_DATA=../shared/omniglot/omniglot.npz python3 benchmarks/results.py --run logs/
 
-trains every configuration of RUNS (20 epochs each; about 30 minutes a run on
+trains every configuration of RUNS (20 epochs each; 6 to 13 minutes a run on
 2 CPU cores), keeping each run's output in logs/NAME.log; without --run it
 reads logs already there. It prints the Markdown table of each run's last
 epoch (never the best one) and writes benchmarks/accuracy_by_occurrence.svg.
