@@ -6,7 +6,8 @@
 trains every configuration of RUNS (20 epochs each; 6 to 13 minutes a run on
 2 CPU cores), keeping each run's output in logs/NAME.log; without --run it
 reads logs already there. It prints the Markdown table of each run's last
-epoch (never the best one) and writes benchmarks/accuracy_by_occurrence.svg.
+epoch (never the best one) and draws benchmarks/accuracy_by_occurrence.png
+(matplotlib: pip install -r benchmarks/requirements.txt).
 """
 import argparse
 import os
@@ -31,8 +32,7 @@ PUBLISHED = {
     "Santoro et al. human": [0.345, 0.573, 0.814, 0.924],
     "Santoro et al. LSTM": [0.244, 0.495, 0.636, 0.625],
 }
-COLOURS = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#8c564b", "#7f7f7f", "#e377c2", "#17becf"]
-WIDTH, HEIGHT, LEFT, TOP, PLOT_WIDTH, PLOT_HEIGHT = 720, 360, 60, 20, 360, 300
+CHART = os.path.join(ROOT, "benchmarks", "accuracy_by_occurrence.png")
 
 
 def last_epoch(log):
@@ -48,37 +48,23 @@ def last_epoch(log):
     return metrics
 
 
-def point(nth, accuracy):
-    x = LEFT + (nth - 1) / (OCCURRENCES[-1] - 1) * PLOT_WIDTH
-    return x, TOP + (1 - accuracy) * PLOT_HEIGHT
+def draw(series, path):
+    """Accuracy by occurrence, one line a series: runs solid, published points dashed."""
+    try:
+        import matplotlib
+    except ImportError:
+        sys.exit("results.py: error: drawing the chart needs matplotlib: pip install -r benchmarks/requirements.txt")
+    matplotlib.use("Agg")  # files only, no display
+    from matplotlib import pyplot
 
-
-def svg(series):
-    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{WIDTH}" height="{HEIGHT}" '
-             'font-family="sans-serif" font-size="11"><rect width="100%" height="100%" fill="white"/>']
-    for tick in range(0, 11, 2):
-        _, y = point(1, tick / 10)
-        parts.append(f'<line x1="{LEFT}" x2="{LEFT + PLOT_WIDTH}" y1="{y}" y2="{y}" stroke="#ddd"/>'
-                     f'<text x="{LEFT - 8}" y="{y + 4}" text-anchor="end">{tick / 10:.1f}</text>')
-    for nth in OCCURRENCES:
-        x, _ = point(nth, 0)
-        parts.append(f'<text x="{x}" y="{TOP + PLOT_HEIGHT + 16}" text-anchor="middle">{nth}</text>')
-    parts.append(f'<text x="{LEFT + PLOT_WIDTH / 2}" y="{HEIGHT - 6}" text-anchor="middle">'
-                 'occurrence of the class in the episode</text>'
-                 f'<text x="14" y="{TOP + PLOT_HEIGHT / 2}" transform="rotate(-90 14 {TOP + PLOT_HEIGHT / 2})" '
-                 'text-anchor="middle">validation accuracy (5-way)</text>')
-    for index, (name, values) in enumerate(series.items()):
-        colour = COLOURS[index % len(COLOURS)]
-        dash = ' stroke-dasharray="5,4"' if name in PUBLISHED else ""  # published points dashed
-        points = " ".join(f"{x:.1f},{y:.1f}" for x, y in map(point, OCCURRENCES, values))
-        parts.append(f'<polyline points="{points}" fill="none" stroke="{colour}" stroke-width="2"{dash}/>')
-        parts += [f'<circle cx="{x:.1f}" cy="{y:.1f}" r="3" fill="{colour}"/>'
-                  for x, y in map(point, OCCURRENCES, values)]
-        legend_y = TOP + 10 + 18 * index
-        parts.append(f'<line x1="{LEFT + PLOT_WIDTH + 20}" x2="{LEFT + PLOT_WIDTH + 44}" y1="{legend_y}" '
-                     f'y2="{legend_y}" stroke="{colour}" stroke-width="2"{dash}/>'
-                     f'<text x="{LEFT + PLOT_WIDTH + 50}" y="{legend_y + 4}">{name}</text>')
-    return "\n".join(parts + ["</svg>"])
+    figure, axes = pyplot.subplots(figsize=(8, 4.5), dpi=100)
+    for name, accuracies in series.items():
+        axes.plot(OCCURRENCES, accuracies, marker="o", label=name, linestyle="--" if name in PUBLISHED else "-")
+    axes.set(xlabel="occurrence of the class in the episode", ylabel="validation accuracy (5-way)",
+             xticks=OCCURRENCES, ylim=(0, 1))
+    axes.grid(alpha=0.3)
+    axes.legend(loc="center left", bbox_to_anchor=(1.02, 0.5), frameon=False)
+    figure.savefig(path, bbox_inches="tight")
 
 
 def main(options):
@@ -99,9 +85,8 @@ def main(options):
     for name, metrics in results.items():
         print(f"| {name} | `{' '.join(RUNS[name][0])}` | {metrics['epochs']} | "
               + " | ".join(f"{metrics[metric]:.4f}" for metric in NAMES) + " |")
-    drawn = {name: [results[name][f"acc{nth}"] for nth in OCCURRENCES] for name, (_, draw) in RUNS.items() if draw}
-    with open(os.path.join(ROOT, "benchmarks", "accuracy_by_occurrence.svg"), "w") as chart:
-        chart.write(svg({**drawn, **PUBLISHED}) + "\n")
+    drawn = {name: [results[name][f"acc{nth}"] for nth in OCCURRENCES] for name, (_, shown) in RUNS.items() if shown}
+    draw({**drawn, **PUBLISHED}, CHART)
 
 
 if __name__ == "__main__":
