@@ -3,7 +3,7 @@ import argparse
 
 import numpy as np
 
-from learning_to_learn import EpisodeGenerator, episode_batches, previous_labels
+from learning_to_learn import EpisodeGenerator, episode_batches, previous_labels, with_rotations
 
 
 def make_dataset(counts):
@@ -110,3 +110,18 @@ def test_validation_batches_stay_fixed():
         np.testing.assert_array_equal(images, images_again)
         np.testing.assert_array_equal(previous, previous_again)
         np.testing.assert_array_equal(labels, labels_again)
+
+
+def test_rotations_make_every_quarter_turn_a_new_character():
+    labels = np.array([0, 1, 1], np.int32)
+    images = np.zeros([3, 28, 28, 1], np.float32)
+    images[:, 0, 0] = 1  # one lit pixel in the top left corner
+    rotated = with_rotations(argparse.Namespace(data={"images": images, "labels": labels})).data
+    np.testing.assert_array_equal(rotated["labels"], [0, 1, 1, 2, 3, 3, 4, 5, 5, 6, 7, 7])
+    # A quarter turn counterclockwise takes the corner pixel to the bottom left, then bottom right, then top right.
+    for quarter, (row, column) in enumerate([(0, 0), (27, 0), (27, 27), (0, 27)]):
+        for image in rotated["images"][3 * quarter:3 * (quarter + 1)]:
+            assert image[row, column, 0] == 1 and image.sum() == 1
+
+    indices, _ = EpisodeGenerator(argparse.Namespace(data=rotated), make_args(images_per_class=1), seed=0).sample(50)
+    assert len(np.unique(rotated["labels"][indices])) == 8, "every rotation is drawn as a character of its own"
