@@ -401,8 +401,8 @@ class MemoryAugmentedRNN(keras.layers.RNN):
                             ops.zeros((batch_size, cell.read_heads, cell.memory_cells)))
             hs, cs, read_values, memories, *kept = tf.scan(
                 forward, projected, initializer=(h, c, read_value, memory, *nothing_kept))
-            c_before, memory_before = [ops.concatenate([first[None], stack[:-1]]) for first, stack in
-                                       [(c, cs), (memory, memories)]]
+            c_before = ops.concatenate([c[None], cs[:-1]])  # each step's c and memory before the step
+            memory_before = ops.concatenate([memory[None], memories[:-1]])
 
             def backward(d_hs, d_read_values, d_c_last, d_memory_last):
                 recurrent_kernel, interface_kernel, _ = weights
