@@ -78,6 +78,14 @@ def collect(batches):
     return [((images.numpy(), previous.numpy()), labels.numpy()) for (images, previous), labels in batches]
 
 
+def assert_same_batches(batches, expected):
+    for ((images, previous), labels), ((images_expected, previous_expected), labels_expected) in zip(
+            batches, expected, strict=True):
+        np.testing.assert_array_equal(images, images_expected)
+        np.testing.assert_array_equal(previous, previous_expected)
+        np.testing.assert_array_equal(labels, labels_expected)
+
+
 def test_training_batches_hold_the_definition_and_are_fresh_every_epoch():
     dataset, args = make_dataset([20] * 12), make_args(batch_size=5)
     batches = collect(episode_batches(dataset, args, seed=7, episodes=12, epochs=range(2)))
@@ -94,11 +102,7 @@ def test_training_batches_hold_the_definition_and_are_fresh_every_epoch():
 
     # The episodes of an epoch depend on the seed and the epoch alone: a resumed run draws the same.
     resumed = collect(episode_batches(dataset, args, seed=7, episodes=12, epochs=range(1, 2)))
-    for ((images, previous), labels), ((images_then, previous_then), labels_then) in zip(resumed, batches[3:],
-                                                                                          strict=True):
-        np.testing.assert_array_equal(images, images_then)
-        np.testing.assert_array_equal(previous, previous_then)
-        np.testing.assert_array_equal(labels, labels_then)
+    assert_same_batches(resumed, batches[3:])
 
 
 def test_validation_batches_stay_fixed():
@@ -106,10 +110,7 @@ def test_validation_batches_stay_fixed():
     batches = episode_batches(dataset, args, seed=42, episodes=10)
     first, again = collect(batches), collect(batches)
     assert [len(labels) for _, labels in first] == [5, 5]
-    for ((images, previous), labels), ((images_again, previous_again), labels_again) in zip(first, again, strict=True):
-        np.testing.assert_array_equal(images, images_again)
-        np.testing.assert_array_equal(previous, previous_again)
-        np.testing.assert_array_equal(labels, labels_again)
+    assert_same_batches(first, again)
 
 
 def test_rotations_make_every_quarter_turn_a_new_character():
