@@ -41,6 +41,17 @@ def integer(minimum):
     return parse
 
 
+def positive_number(text):
+    """An argparse type: a number above 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid value {text!r}: expected a number") from None
+    if not value > 0 or math.isinf(value):
+        raise argparse.ArgumentTypeError(f"invalid value {text}: must be a finite number above 0")
+    return value
+
+
 def model_file_to_write(text):
     """An argparse type: a path ending in .keras, in a folder that exists."""
     if not text.endswith(".keras"):
@@ -98,6 +109,8 @@ model_flags = parser.add_argument_group("model")
 model_flags.add_argument("--lstm_dim", default=256, type=integer(1), metavar="N", help="Units of the LSTM controller.")
 model_flags.add_argument("--cell_size", default=40, type=integer(1), metavar="N", help="Units of one memory cell.")
 model_flags.add_argument("--read_heads", default=1, type=integer(0), metavar="N", help="Memory reads per step.")
+model_flags.add_argument("--read_sharpness", default=1.0, type=positive_number, metavar="X",
+                         help="Multiplies the cosine similarities before the read's softmax (1: the assignment's).")
 training = parser.add_argument_group("training")
 training.add_argument("--batch_size", default=16, type=integer(1), metavar="N", help="Episodes per batch.")
 training.add_argument("--epochs", default=20, type=integer(1), metavar="N", help="Training epochs.")
@@ -272,9 +285,10 @@ class MemoryAugmentedLSTM(keras.layers.Layer):
     with the key; the write value becomes the first cell and the last drops.
     """
 
-    def __init__(self, units, memory_cells, cell_size, read_heads, **kwargs):
+    def __init__(self, units, memory_cells, cell_size, read_heads, read_sharpness=1.0, **kwargs):
         super().__init__(**kwargs)
         self.units, self.memory_cells, self.cell_size, self.read_heads = units, memory_cells, cell_size, read_heads
+        self.read_sharpness = read_sharpness
         # Owns the controller's weights, with Keras's LSTM initializers; `step` spells out its equations.
         self.controller = keras.layers.LSTMCell(units)
         # The write value first, then the read keys.
@@ -304,7 +318,7 @@ class MemoryAugmentedLSTM(keras.layers.Layer):
         """Returns the read value (batch, read_heads * cell_size) and the read weights (batch, read_heads, cells)."""
         # memory: (batch, memory_cells, cell_size), read_keys: (batch, read_heads, cell_size)
         similarity = ops.einsum("bhc,bmc->bhm", unit_vectors(read_keys)[0], unit_vectors(memory)[0])
-        read_weights = ops.softmax(similarity, axis=-1)
+        read_weights = ops.softmax(self.read_sharpness * similarity, axis=-1)
         read_value = ops.matmul(read_weights, memory)  # all heads in one product
         return ops.reshape(read_value, (ops.shape(memory)[0], self.read_heads * self.cell_size)), read_weights
 
@@ -347,8 +361,8 @@ class MemoryAugmentedLSTM(keras.layers.Layer):
 
     def get_config(self):
         config = super().get_config()
-        config.update(units=self.units, memory_cells=self.memory_cells,
-                      cell_size=self.cell_size, read_heads=self.read_heads)
+        config.update(units=self.units, memory_cells=self.memory_cells, cell_size=self.cell_size,
+                      read_heads=self.read_heads, read_sharpness=self.read_sharpness)
         return config
 
 
@@ -444,6 +458,7 @@ class MemoryAugmentedRNN(keras.layers.RNN):
         unit_cells, cell_norms = unit_vectors(memory)
         d_read_weights = ops.einsum("bhc,bmc->bhm", d_read_value, memory)
         d_similarity = read_weights * (d_read_weights - ops.sum(read_weights * d_read_weights, -1, keepdims=True))
+        d_similarity = cell.read_sharpness * d_similarity
         d_keys = unit_vectors_backward(unit_keys, key_norms, ops.einsum("bhm,bmc->bhc", d_similarity, unit_cells))
         d_memory = (ops.einsum("bhm,bhc->bmc", read_weights, d_read_value)
                     + unit_vectors_backward(unit_cells, cell_norms,
@@ -498,7 +513,7 @@ def build_model(args):
     inputs = ops.concatenate([features, ops.one_hot(labels, args.classes)], axis=-1)  # label -1: all zeros
 
     cell = MemoryAugmentedLSTM(args.lstm_dim, memory_cells=steps, cell_size=args.cell_size,
-                               read_heads=args.read_heads)
+                               read_heads=args.read_heads, read_sharpness=args.read_sharpness)
     outputs = MemoryAugmentedRNN(cell, return_sequences=True)(inputs)
     predictions = keras.layers.Dense(args.classes, activation="softmax")(outputs)
 

@@ -33,7 +33,7 @@ def numpy_step(cell, x, h, c, read_value, memory):
     for b in range(len(x)):
         for head in range(cell.read_heads):
             similarity = np.array([cosine(keys[b, head], m) for m in memory[b]])
-            weights = np.exp(similarity) / np.exp(similarity).sum()
+            weights = np.exp(cell.read_sharpness * similarity) / np.exp(cell.read_sharpness * similarity).sum()
             reads[b, head] = sum(w * m for w, m in zip(weights, memory[b], strict=True))
     read_value = reads.reshape(len(x), -1)
     memory = np.concatenate([write_value[:, None], memory[:, :-1]], axis=1)
@@ -43,7 +43,8 @@ def numpy_step(cell, x, h, c, read_value, memory):
     return output, h, c, read_value, memory
 
 
-def test_rnn_over_cell_matches_numpy_with_several_heads_and_memory_shift():
+@pytest.mark.parametrize("read_sharpness", [1.0, 4.0])
+def test_rnn_over_cell_matches_numpy_with_several_heads_and_memory_shift(read_sharpness):
     batch, steps, features = 2, 6, 5
     units, memory_cells, cell_size, read_heads = 7, 4, 3, 3  # 6 steps > 4 cells: old cells drop
     rng = np.random.default_rng(0)
@@ -53,7 +54,7 @@ def test_rnn_over_cell_matches_numpy_with_several_heads_and_memory_shift():
     read_value = rng.normal(size=[batch, read_heads * cell_size]).astype(np.float32)
     memory = rng.normal(size=[batch, memory_cells, cell_size]).astype(np.float32)
 
-    cell = MemoryAugmentedLSTM(units, memory_cells, cell_size, read_heads)
+    cell = MemoryAugmentedLSTM(units, memory_cells, cell_size, read_heads, read_sharpness)
     rnn = keras.layers.RNN(cell, return_sequences=True, return_state=True)
     outputs, *states = rnn(inputs, initial_state=[h, c, read_value, memory.reshape(batch, -1)])
 
@@ -95,8 +96,10 @@ def test_read_weights_cells_by_softmax_of_cosine_similarity():
                                rtol=1e-6)
 
 
-@pytest.mark.parametrize("read_heads, memory_cells, jit_compile", [(1, 7, False), (3, 4, True), (0, 7, True)])
-def test_fused_layer_matches_the_cell_loop_and_its_automatic_gradients(read_heads, memory_cells, jit_compile):
+@pytest.mark.parametrize("read_heads, memory_cells, read_sharpness, jit_compile",
+                         [(1, 7, 1.0, False), (3, 4, 5.0, True), (0, 7, 1.0, True)])
+def test_fused_layer_matches_the_cell_loop_and_its_automatic_gradients(read_heads, memory_cells, read_sharpness,
+                                                                       jit_compile):
     # 7 steps: with 4 cells old cells drop; 0 heads is the LSTM-only baseline.
     batch, steps, features, units, cell_size = 3, 7, 5, 6, 4
     rng = np.random.default_rng(0)
@@ -107,7 +110,7 @@ def test_fused_layer_matches_the_cell_loop_and_its_automatic_gradients(read_head
     output_weights = [tf.constant(rng.normal(size=[batch, steps, units]), tf.float32)]
     output_weights += [tf.constant(rng.normal(size=[batch, size]), tf.float32) for size in state_sizes]
 
-    cell = MemoryAugmentedLSTM(units, memory_cells, cell_size, read_heads)
+    cell = MemoryAugmentedLSTM(units, memory_cells, cell_size, read_heads, read_sharpness)
 
     def outputs_and_gradients(rnn_class):
         rnn = rnn_class(cell, return_sequences=True, return_state=True)
