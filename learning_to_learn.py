@@ -286,7 +286,7 @@ class MemoryAugmentedLSTM(keras.layers.Layer):
     and the last drops.
 
     With `read_sharpness=1`, the assignment's read, no cell can weigh more than
-    e^2 = 7.4 times any other, as cosines lie in [-1, 1]: among 50 cells even a
+    e^2 = 7.389 times any other, as cosines lie in [-1, 1]: among 50 cells even a
     perfect match gets at most 13% of the read. A larger factor lets a read
     pick out the one cell that matches.
     """
@@ -459,12 +459,12 @@ class MemoryAugmentedRNN(keras.layers.RNN):
         heads_shape = (batch_size, cell.read_heads, cell.cell_size)
         d_read_value = ops.reshape(d_read_value + d_h_read[:, cell.units:], heads_shape)
 
-        # The read: read_value = read_weights @ memory, read_weights = softmax(unit keys @ unit cells).
+        # The read: read_value = read_weights @ memory, read_weights = softmax(sharpness * unit keys @ unit cells).
         unit_keys, key_norms = unit_vectors(ops.reshape(interface[:, cell.cell_size:], heads_shape))
         unit_cells, cell_norms = unit_vectors(memory)
         d_read_weights = ops.einsum("bhc,bmc->bhm", d_read_value, memory)
-        d_similarity = read_weights * (d_read_weights - ops.sum(read_weights * d_read_weights, -1, keepdims=True))
-        d_similarity = cell.read_sharpness * d_similarity
+        d_logits = read_weights * (d_read_weights - ops.sum(read_weights * d_read_weights, -1, keepdims=True))
+        d_similarity = cell.read_sharpness * d_logits
         d_keys = unit_vectors_backward(unit_keys, key_norms, ops.einsum("bhm,bmc->bhc", d_similarity, unit_cells))
         d_memory = (ops.einsum("bhm,bhc->bmc", read_weights, d_read_value)
                     + unit_vectors_backward(unit_cells, cell_norms,

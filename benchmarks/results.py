@@ -27,6 +27,7 @@ RUNS = {
     "rotations-2heads-5way": (["--classes=5", "--rotations", "--read_heads=2", "--epochs=36"], False),
     # Sharper reads alone, on the default budget.
     "sharpness-5way": (["--classes=5", "--read_sharpness=5"], False),
+    "sharpness-2way": (["--classes=2", "--read_sharpness=5"], False),
     # The best recipe: 60 epochs, under 60 minutes on 2 CPU cores.
     "best-5way": (["--classes=5", "--read_sharpness=5", "--rotations", "--read_heads=2", "--epochs=60"], True),
 }
