@@ -1,0 +1,50 @@
+#!/usr/bin/env python3
+"""Where a trained model's answers go when a class shows up for the first time in an episode.
+
+    OMNIGLOT_DATA=../shared/omniglot/omniglot.npz python3 benchmarks/first_occurrences.py MODEL.keras [FLAGS]
+
+MODEL.keras is a model saved by `learning_to_learn.py --save_model`; FLAGS are
+the program's (--classes, --images_per_class, --test_episodes) as it was
+trained. On the validation episodes, the answer to a first occurrence is
+either a label already seen in the episode (certainly wrong) or a new one
+(right if it is the one the episode gave); the best a model can do is guess
+among the new ones, which gives the limit printed last.
+"""
+import os
+import sys
+
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from learning_to_learn import VALIDATION_SEED, episode_batches, load_trained_model, parser  # noqa: E402
+from omniglot_dataset import DataError, Omniglot  # noqa: E402
+
+
+def main(path, args):
+    model = load_trained_model(path, args)
+    answers_seen, answers_new, right_new, limit = [], [], [], []
+    for (images, previous), labels in episode_batches(Omniglot().test, args, VALIDATION_SEED, args.test_episodes):
+        guesses = np.argmax(model.predict_on_batch((images, previous)), axis=-1)
+        one_hot = np.eye(args.classes, dtype=bool)[labels.numpy()]  # (episodes, steps, classes)
+        seen_before = np.cumsum(one_hot, axis=1) - one_hot > 0  # labels given at earlier steps
+        first = ~np.any(seen_before & one_hot, axis=-1)
+        guessed_seen = np.take_along_axis(seen_before, guesses[..., None], axis=-1)[..., 0]
+        answers_seen.append(guessed_seen[first])
+        answers_new.append(~guessed_seen[first])
+        right_new.append((guesses == labels.numpy())[first])
+        limit.append(1 / (args.classes - seen_before.sum(axis=-1)[first]))
+    answers_seen, answers_new, right_new, limit = map(np.concatenate, [answers_seen, answers_new, right_new, limit])
+    print(f"first occurrences: {len(limit)}")
+    print(f"accuracy (val_acc1): {right_new.mean():.4f}")
+    print(f"answered with a label already seen: {answers_seen.mean():.4f}")
+    print(f"accuracy of the answers with a new label: {right_new.sum() / answers_new.sum():.4f}")
+    print(f"limit (a guess among the new labels): {limit.mean():.4f}")
+
+
+if __name__ == "__main__":
+    if len(sys.argv) < 2 or sys.argv[1].startswith("-"):
+        parser.exit(2, "usage: python3 benchmarks/first_occurrences.py MODEL.keras [learning_to_learn.py flags]\n")
+    try:
+        main(sys.argv[1], parser.parse_args(sys.argv[2:]))
+    except DataError as error:
+        parser.exit(2, f"first_occurrences.py: error: {error}\n")
