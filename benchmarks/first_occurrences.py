@@ -22,7 +22,7 @@ from omniglot_dataset import DataError, Omniglot  # noqa: E402
 
 def main(path, args):
     model = load_trained_model(path, args)
-    answers_seen, answers_new, right_new, limit = [], [], [], []
+    answers_seen, answers_new, right_new, limit, labels_seen = [], [], [], [], []
     for (images, previous), labels in episode_batches(Omniglot().test, args, VALIDATION_SEED, args.test_episodes):
         guesses = np.argmax(model.predict_on_batch((images, previous)), axis=-1)
         one_hot = np.eye(args.classes, dtype=bool)[labels.numpy()]  # (episodes, steps, classes)
@@ -32,13 +32,18 @@ def main(path, args):
         answers_seen.append(guessed_seen[first])
         answers_new.append(~guessed_seen[first])
         right_new.append((guesses == labels.numpy())[first])
-        limit.append(1 / (args.classes - seen_before.sum(axis=-1)[first]))
-    answers_seen, answers_new, right_new, limit = map(np.concatenate, [answers_seen, answers_new, right_new, limit])
+        labels_seen.append(seen_before.sum(axis=-1)[first])
+        limit.append(1 / (args.classes - labels_seen[-1]))
+    answers_seen, answers_new, right_new, limit, labels_seen = map(
+        np.concatenate, [answers_seen, answers_new, right_new, limit, labels_seen])
     print(f"first occurrences: {len(limit)}")
     print(f"accuracy (val_acc1): {right_new.mean():.4f}")
     print(f"answered with a label already seen: {answers_seen.mean():.4f}")
     print(f"accuracy of the answers with a new label: {right_new.sum() / answers_new.sum():.4f}")
     print(f"limit (a guess among the new labels): {limit.mean():.4f}")
+    for count in range(1, args.classes):
+        share = answers_seen[labels_seen == count].mean()
+        print(f"  with {count} labels already seen: answered with one of them {share:.4f}")
 
 
 if __name__ == "__main__":
