@@ -22,28 +22,25 @@ from omniglot_dataset import DataError, Omniglot  # noqa: E402
 
 def main(path, args):
     model = load_trained_model(path, args)
-    answers_seen, answers_new, right_new, limit, labels_seen = [], [], [], [], []
+    answered_seen, right, labels_seen = [], [], []  # at each first occurrence
     for (images, previous), labels in episode_batches(Omniglot().test, args, VALIDATION_SEED, args.test_episodes):
+        labels = labels.numpy()
         guesses = np.argmax(model.predict_on_batch((images, previous)), axis=-1)
-        one_hot = np.eye(args.classes, dtype=bool)[labels.numpy()]  # (episodes, steps, classes)
+        one_hot = np.eye(args.classes, dtype=bool)[labels]  # (episodes, steps, classes)
         seen_before = np.cumsum(one_hot, axis=1) - one_hot > 0  # labels given at earlier steps
         first = ~np.any(seen_before & one_hot, axis=-1)
-        guessed_seen = np.take_along_axis(seen_before, guesses[..., None], axis=-1)[..., 0]
-        answers_seen.append(guessed_seen[first])
-        answers_new.append(~guessed_seen[first])
-        right_new.append((guesses == labels.numpy())[first])
+        answered_seen.append(np.take_along_axis(seen_before, guesses[..., None], axis=-1)[..., 0][first])
+        right.append((guesses == labels)[first])
         labels_seen.append(seen_before.sum(axis=-1)[first])
-        limit.append(1 / (args.classes - labels_seen[-1]))
-    answers_seen, answers_new, right_new, limit, labels_seen = map(
-        np.concatenate, [answers_seen, answers_new, right_new, limit, labels_seen])
-    print(f"first occurrences: {len(limit)}")
-    print(f"accuracy (val_acc1): {right_new.mean():.4f}")
-    print(f"answered with a label already seen: {answers_seen.mean():.4f}")
-    print(f"accuracy of the answers with a new label: {right_new.sum() / answers_new.sum():.4f}")
-    print(f"limit (a guess among the new labels): {limit.mean():.4f}")
+    answered_seen, right, labels_seen = map(np.concatenate, [answered_seen, right, labels_seen])
+    print(f"first occurrences: {len(right)}")
+    print(f"accuracy (val_acc1): {right.mean():.4f}")
+    print(f"answered with a label already seen: {answered_seen.mean():.4f}")
+    print(f"accuracy of the answers with a new label: {right.sum() / np.sum(~answered_seen):.4f}")
+    print(f"limit (a guess among the new labels): {np.mean(1 / (args.classes - labels_seen)):.4f}")
     for count in range(1, args.classes):
-        share = answers_seen[labels_seen == count].mean()
-        print(f"  with {count} labels already seen: answered with one of them {share:.4f}")
+        share = answered_seen[labels_seen == count].mean()
+        print(f"  after {count} of the {args.classes} labels: answered with one already seen {share:.4f}")
 
 
 if __name__ == "__main__":
