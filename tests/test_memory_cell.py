@@ -33,7 +33,8 @@ def numpy_step(cell, x, h, c, read_value, memory):
     for b in range(len(x)):
         for head in range(cell.read_heads):
             similarity = np.array([cosine(keys[b, head], m) for m in memory[b]])
-            weights = np.exp(cell.read_sharpness * similarity) / np.exp(cell.read_sharpness * similarity).sum()
+            weights = np.exp(cell.read_sharpness * similarity)
+            weights /= weights.sum()
             reads[b, head] = sum(w * m for w, m in zip(weights, memory[b], strict=True))
     read_value = reads.reshape(len(x), -1)
     memory = np.concatenate([write_value[:, None], memory[:, :-1]], axis=1)
