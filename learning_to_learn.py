@@ -52,6 +52,14 @@ def positive_number(text):
     return value
 
 
+def filter_counts(text):
+    """An argparse type: three positive integers separated by commas, the filters of the CNN's convolutions."""
+    counts = text.split(",")
+    if len(counts) != 3 or not all(count.strip().isdigit() and int(count) > 0 for count in counts):
+        raise argparse.ArgumentTypeError(f"invalid value {text!r}: expected three integers above 0, as in 8,16,32")
+    return [int(count) for count in counts]
+
+
 def model_file_to_write(text):
     """An argparse type: a path ending in .keras, in a folder that exists."""
     if not text.endswith(".keras"):
@@ -106,6 +114,8 @@ data.add_argument("--rotations", default=False, action="store_true",
 data.add_argument("--test_episodes", default=1000, type=integer(1), metavar="N",
                   help="Validation episodes, the same every epoch.")
 model_flags = parser.add_argument_group("model")
+model_flags.add_argument("--cnn_filters", default="8,16,32", type=filter_counts, metavar="A,B,C",
+                         help="Filters of the CNN's three convolutions.")
 model_flags.add_argument("--lstm_dim", default=256, type=integer(1), metavar="N", help="Units of the LSTM controller.")
 model_flags.add_argument("--cell_size", default=40, type=integer(1), metavar="N", help="Units of one memory cell.")
 model_flags.add_argument("--read_heads", default=1, type=integer(0), metavar="N", help="Memory reads per step.")
@@ -113,6 +123,8 @@ model_flags.add_argument("--read_sharpness", default=1.0, type=positive_number, 
                          help="Multiplies the cosine similarities before the read's softmax (1: the assignment's).")
 training = parser.add_argument_group("training")
 training.add_argument("--batch_size", default=16, type=integer(1), metavar="N", help="Episodes per batch.")
+training.add_argument("--learning_rate", default=0.001, type=positive_number, metavar="X",
+                      help="Adam's learning rate.")
 training.add_argument("--epochs", default=20, type=integer(1), metavar="N", help="Training epochs.")
 training.add_argument("--seed", default=42, type=int, metavar="N",
                       help="Random seed of the weights and training episodes.")
@@ -487,10 +499,10 @@ class MemoryAugmentedRNN(keras.layers.RNN):
         return ops.matmul(d_gates, ops.transpose(recurrent_kernel)), d_c * forget_gate, d_memory, d_gates, d_interface
 
 
-def image_features():
+def image_features(filter_counts):
     """The CNN applied to every image on its own: `[images, H, W, C]` -> `[images, features]`."""
     layers = [keras.Input([Omniglot.H, Omniglot.W, Omniglot.C])]
-    for filters in [8, 16, 32]:
+    for filters in filter_counts:
         layers += [
             keras.layers.Conv2D(filters, 3, strides=2, padding="valid", use_bias=False),
             keras.layers.BatchNormalization(),
@@ -514,7 +526,7 @@ def build_model(args):
     labels = keras.Input([steps], dtype="int32", name="previous_labels")
 
     # One pass of the CNN over all images of the batch, then back to episodes.
-    features = image_features()(ops.reshape(images, (-1, Omniglot.H, Omniglot.W, Omniglot.C)))
+    features = image_features(args.cnn_filters)(ops.reshape(images, (-1, Omniglot.H, Omniglot.W, Omniglot.C)))
     features = ops.reshape(features, (-1, steps, features.shape[-1]))
     inputs = ops.concatenate([features, ops.one_hot(labels, args.classes)], axis=-1)  # label -1: all zeros
 
@@ -525,7 +537,7 @@ def build_model(args):
 
     model = keras.Model([images, labels], predictions)
     model.compile(
-        optimizer=keras.optimizers.Adam(),
+        optimizer=keras.optimizers.Adam(args.learning_rate),
         loss=keras.losses.SparseCategoricalCrossentropy(),
         metrics=[keras.metrics.SparseCategoricalAccuracy(name="acc"),
                  *[NthOccurrenceAccuracy(nth) for nth in reported_occurrences(args)]],
