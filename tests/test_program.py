@@ -55,7 +55,7 @@ def test_learns_two_way_episodes_well_above_chance(omniglot_npz):
 
 def test_saved_model_loads_with_plain_keras_and_predicts_the_same(tmp_path):
     args = parser.parse_args(["--classes=3", "--images_per_class=2", "--lstm_dim=8", "--cell_size=4",
-                              "--read_heads=2", "--read_sharpness=3"])
+                              "--read_heads=2", "--read_sharpness=3", "--cnn_filters=4,6,8", "--learning_rate=0.003"])
     model = build_model(args)
     rng = np.random.default_rng(0)
     inputs = [rng.random([2, 6, 28, 28, 1], dtype=np.float32), np.array([[-1, 0, 1, 2, 0, 1]] * 2, np.int32)]
@@ -63,6 +63,11 @@ def test_saved_model_loads_with_plain_keras_and_predicts_the_same(tmp_path):
     loaded = keras.models.load_model(tmp_path / "model.keras")
     np.testing.assert_allclose(loaded.predict(inputs, verbose=0), model.predict(inputs, verbose=0), atol=1e-6)
     assert [layer.cell.read_sharpness for layer in loaded.layers if hasattr(layer, "cell")] == [3.0]
+    cnn = loaded.get_layer("image_features")
+    assert [layer.filters for layer in cnn.layers if isinstance(layer, keras.layers.Conv2D)] == [4, 6, 8]
+    # 3x3 valid convolutions of stride 2 take 28 pixels to 13, 6 and 2: 2 x 2 x 8 features.
+    assert cnn.output.shape[-1] == 2 * 2 * 8
+    assert float(loaded.optimizer.learning_rate) == pytest.approx(0.003)
 
 
 def test_killed_run_resumes_and_ends_like_an_uninterrupted_one(omniglot_npz, tmp_path):
