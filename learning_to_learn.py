@@ -499,10 +499,10 @@ class MemoryAugmentedRNN(keras.layers.RNN):
         return ops.matmul(d_gates, ops.transpose(recurrent_kernel)), d_c * forget_gate, d_memory, d_gates, d_interface
 
 
-def image_features(filter_counts):
+def image_features(conv_filters):
     """The CNN applied to every image on its own: `[images, H, W, C]` -> `[images, features]`."""
     layers = [keras.Input([Omniglot.H, Omniglot.W, Omniglot.C])]
-    for filters in filter_counts:
+    for filters in conv_filters:
         layers += [
             keras.layers.Conv2D(filters, 3, strides=2, padding="valid", use_bias=False),
             keras.layers.BatchNormalization(),
