@@ -3,8 +3,8 @@
 
     OMNIGLOT_DATA=../shared/omniglot/omniglot.npz python3 benchmarks/results.py --run logs/
 
-trains every configuration of RUNS (20 epochs unless RUNS says more: 6 to 13
-minutes a 20-epoch run on 2 CPU cores), keeping each run's output in
+trains every configuration of RUNS (20 epochs unless RUNS says more: 6 min
+21 s to 15 min 6 s a 20-epoch run on 2 CPU cores), keeping each run's output in
 logs/NAME.log; without --run it reads logs already there. It prints the
 Markdown table of each run's last epoch (never the best one) and draws
 benchmarks/accuracy_by_occurrence.png (matplotlib: pip install -r
@@ -23,7 +23,7 @@ RUNS = {
     "default-5way": (["--classes=5"], True),
     "default-2way": (["--classes=2"], False),
     "lstm-only-5way": (["--classes=5", "--read_heads=0"], True),
-    # A first step towards a best recipe: 36 epochs, about 38 minutes on 2 CPU cores.
+    # A first step towards a best recipe: 36 epochs, 37 min 52 s on 2 CPU cores.
     "rotations-2heads-5way": (["--classes=5", "--rotations", "--read_heads=2", "--epochs=36"], False),
     # Sharper reads alone, on the default budget.
     "sharpness-5way": (["--classes=5", "--read_sharpness=5"], False),
