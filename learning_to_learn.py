@@ -125,6 +125,8 @@ training = parser.add_argument_group("training")
 training.add_argument("--batch_size", default=16, type=integer(1), metavar="N", help="Episodes per batch.")
 training.add_argument("--learning_rate", default=0.001, type=positive_number, metavar="X",
                       help="Adam's learning rate.")
+training.add_argument("--learning_rate_decay", default="none", choices=["none", "cosine"],
+                      help="How the learning rate falls: not at all, or along a cosine to 0 at the last step.")
 training.add_argument("--epochs", default=20, type=integer(1), metavar="N", help="Training epochs.")
 training.add_argument("--seed", default=42, type=int, metavar="N",
                       help="Random seed of the weights and training episodes.")
@@ -535,9 +537,15 @@ def build_model(args):
     outputs = MemoryAugmentedRNN(cell, return_sequences=True)(inputs)
     predictions = keras.layers.Dense(args.classes, activation="softmax")(outputs)
 
+    learning_rate = args.learning_rate
+    if args.learning_rate_decay == "cosine":
+        # A function of the optimizer's step count, which checkpoints keep: a resumed run goes on along the curve.
+        learning_rate = keras.optimizers.schedules.CosineDecay(
+            learning_rate, decay_steps=args.epochs * math.ceil(args.train_episodes / args.batch_size))
+
     model = keras.Model([images, labels], predictions)
     model.compile(
-        optimizer=keras.optimizers.Adam(args.learning_rate),
+        optimizer=keras.optimizers.Adam(learning_rate),
         loss=keras.losses.SparseCategoricalCrossentropy(),
         metrics=[keras.metrics.SparseCategoricalAccuracy(name="acc"),
                  *[NthOccurrenceAccuracy(nth) for nth in reported_occurrences(args)]],

@@ -70,8 +70,20 @@ def test_saved_model_loads_with_plain_keras_and_predicts_the_same(tmp_path):
     assert float(loaded.optimizer.learning_rate) == pytest.approx(0.003)
 
 
+def test_cosine_decay_takes_the_learning_rate_to_zero_at_the_last_step():
+    # 100 episodes in batches of 16 are 7 steps an epoch: 14 steps in all.
+    args = parser.parse_args(["--learning_rate=0.002", "--learning_rate_decay=cosine", "--train_episodes=100",
+                              "--epochs=2", "--lstm_dim=8", "--cell_size=4"])
+    optimizer = build_model(args).optimizer
+    for step in [0, 3, 7, 14]:
+        optimizer.iterations.assign(step)
+        assert float(optimizer.learning_rate) == pytest.approx(0.002 * (1 + np.cos(np.pi * step / 14)) / 2, abs=1e-9)
+
+
 def test_killed_run_resumes_and_ends_like_an_uninterrupted_one(omniglot_npz, tmp_path):
-    flags = ["--recodex", "--classes=2", "--train_episodes=160", "--test_episodes=160", "--epochs=3"]
+    # With a decaying learning rate, a resumed run must also go on along the same curve.
+    flags = ["--recodex", "--classes=2", "--train_episodes=160", "--test_episodes=160", "--epochs=3",
+             "--learning_rate_decay=cosine"]
     uninterrupted = graded_output(omniglot_npz, *flags).splitlines()
 
     command = [sys.executable, os.path.join(ROOT, "learning_to_learn.py"), *flags, f"--checkpoint_dir={tmp_path}"]
