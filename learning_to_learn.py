@@ -111,6 +111,8 @@ data.add_argument("--train_episodes", default=10000, type=integer(1), metavar="N
                   help="Training episodes per epoch, fresh every epoch.")
 data.add_argument("--rotations", default=False, action="store_true",
                   help="Train also on every character rotated by 90, 180 and 270 degrees, each a new character.")
+data.add_argument("--shift", default=0, type=integer(0), metavar="N",
+                  help="Move every training image by up to N pixels each way, at random.")
 data.add_argument("--test_episodes", default=1000, type=integer(1), metavar="N",
                   help="Validation episodes, the same every epoch.")
 model_flags = parser.add_argument_group("model")
@@ -216,6 +218,14 @@ def with_rotations(dataset):
     })
 
 
+def shifted(images, offsets, shift):
+    """`images` `[batch, steps, H, W, C]`, each moved `shift - offsets` pixels down and right (`offsets`
+    `[batch, steps, 2]` in 0..2 * shift), blank paper coming in at the edges."""
+    padded = tf.pad(images, [[0, 0], [0, 0], [shift, shift], [shift, shift], [0, 0]])
+    rows = tf.gather(padded, offsets[..., :1] + tf.range(Omniglot.H, dtype=offsets.dtype), axis=2, batch_dims=2)
+    return tf.gather(rows, offsets[..., 1:] + tf.range(Omniglot.W, dtype=offsets.dtype), axis=3, batch_dims=2)
+
+
 def episode_batches(dataset, args, seed, episodes, epochs=None):
     """`episodes` episodes of `EpisodeGenerator` in batches of `args.batch_size`: a `tf.data.Dataset` for `model.fit`.
 
@@ -223,29 +233,37 @@ def episode_batches(dataset, args, seed, episodes, epochs=None):
     `range` of epoch numbers, every epoch draws fresh episodes, seeded by
     `(seed, epoch)` alone so that the episodes of an epoch do not depend on
     what came before; the epochs' batches follow one another, and `fit` needs
-    `steps_per_epoch`. Images are gathered in the graph: no Python per batch.
+    `steps_per_epoch`. Training images are moved by up to `args.shift` pixels,
+    each its own way. Images are gathered in the graph: no Python per batch.
     """
     images = tf.constant(dataset.data["images"])
+    shift = args.shift if epochs is not None else 0
+    steps = args.classes * args.images_per_class
 
     def sample(epoch):
         indices, labels = EpisodeGenerator(dataset, args, seed=[seed, epoch]).sample(episodes)
-        return indices, previous_labels(labels), labels
+        offsets = np.random.default_rng([seed, epoch, 1]).integers(0, 2 * shift + 1, [episodes, steps, 2])
+        return indices, previous_labels(labels), labels, offsets
 
     def epoch_batches(epoch):
         if epochs is None:
-            indices, previous, labels = sample(0)
+            arrays = sample(0)
         else:
-            arrays = tf.numpy_function(sample, [epoch], [tf.int64, tf.int32, tf.int32])
+            *arrays, offsets = tf.numpy_function(sample, [epoch], [tf.int64, tf.int32, tf.int32, tf.int64])
             # numpy_function forgets shapes; batching needs them back.
-            shape = (episodes, args.classes * args.images_per_class)
-            indices, previous, labels = [tf.ensure_shape(array, shape) for array in arrays]
-        return tf.data.Dataset.from_tensor_slices((indices, previous, labels)).batch(args.batch_size)
+            arrays = [tf.ensure_shape(array, (episodes, steps)) for array in arrays]
+            arrays.append(tf.ensure_shape(offsets, (episodes, steps, 2)))
+        return tf.data.Dataset.from_tensor_slices(tuple(arrays)).batch(args.batch_size)
+
+    def gather_images(indices, previous, labels, offsets):
+        episode_images = tf.gather(images, indices)
+        return ((shifted(episode_images, offsets, shift) if shift else episode_images, previous), labels)
 
     if epochs is None:
         batches = epoch_batches(0)
     else:
         batches = tf.data.Dataset.range(epochs.start, epochs.stop).flat_map(epoch_batches)
-    return batches.map(lambda indices, previous, labels: ((tf.gather(images, indices), previous), labels)).prefetch(2)
+    return batches.map(gather_images).prefetch(2)
 
 
 # Model

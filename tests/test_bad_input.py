@@ -35,6 +35,7 @@ from omniglot_dataset import DataError, Omniglot
     ("--cnn_filters=0,16,32",
      "argument --cnn_filters: invalid value '0,16,32': expected three integers above 0, as in 8,16,32"),
     ("--learning_rate=0", "argument --learning_rate: invalid value 0: must be a finite number above 0"),
+    ("--shift=-1", "argument --shift: invalid value -1: must be at least 0"),
     ("--threads=-1", "argument --threads: invalid value -1: must be at least 0"),
     ("--seed=x", "argument --seed: invalid int value: 'x'"),
     ("--save_model=model.h5", "argument --save_model: invalid path 'model.h5': expected a name ending in .keras"),

@@ -2,8 +2,9 @@
 import argparse
 
 import numpy as np
+import tensorflow as tf
 
-from learning_to_learn import EpisodeGenerator, episode_batches, previous_labels, with_rotations
+from learning_to_learn import EpisodeGenerator, episode_batches, previous_labels, shifted, with_rotations
 
 
 def make_dataset(counts):
@@ -15,8 +16,8 @@ def make_dataset(counts):
     return argparse.Namespace(data={"images": images, "labels": labels}, size=len(labels))
 
 
-def make_args(classes=3, images_per_class=4, batch_size=5):
-    return argparse.Namespace(classes=classes, images_per_class=images_per_class, batch_size=batch_size)
+def make_args(classes=3, images_per_class=4, batch_size=5, shift=0):
+    return argparse.Namespace(classes=classes, images_per_class=images_per_class, batch_size=batch_size, shift=shift)
 
 
 def check_episode(dataset, args, images, previous, labels):
@@ -126,3 +127,46 @@ def test_rotations_make_every_quarter_turn_a_new_character():
 
     indices, _ = EpisodeGenerator(argparse.Namespace(data=rotated), make_args(images_per_class=1), seed=0).sample(50)
     assert len(np.unique(rotated["labels"][indices])) == 8, "every rotation is drawn as a character of its own"
+
+
+def test_shifted_moves_each_image_its_own_way_with_blank_paper_behind():
+    image = np.zeros([28, 28, 1], np.float32)
+    image[10, 20] = 1
+    moved = shifted(tf.constant(np.stack([[image, image]])), tf.constant([[[0, 4], [2, 2]]]), shift=2).numpy()
+    assert moved[0, 0, 12, 18, 0] == 1 and moved[0, 0].sum() == 1, "offsets (0, 4): 2 pixels down, 2 left"
+    np.testing.assert_array_equal(moved[0, 1], image)  # offsets (2, 2): in place
+
+    rng = np.random.default_rng(0)
+    images = rng.random([2, 3, 28, 28, 1]).astype(np.float32)
+    offsets = rng.integers(0, 2 * 3 + 1, [2, 3, 2])
+    moved = shifted(tf.constant(images), tf.constant(offsets), shift=3).numpy()
+    for episode, step in np.ndindex(2, 3):
+        down, right = 3 - offsets[episode, step]
+        expected = np.zeros([28 + 6, 28 + 6, 1], np.float32)  # room to move 3 pixels each way
+        expected[3 + down:3 + down + 28, 3 + right:3 + right + 28] = images[episode, step]
+        np.testing.assert_array_equal(moved[episode, step], expected[3:-3, 3:-3])
+
+
+def test_only_training_images_are_shifted():
+    dataset, args = make_dataset([20] * 12), make_args(batch_size=12, shift=2)
+    (images, previous), labels = collect(episode_batches(dataset, args, seed=7, episodes=12, epochs=range(1)))[0]
+    indices = images[:, :, 14, 14, 0].astype(int)  # the middle pixel still names the image
+    for episode in range(12):
+        middles = np.broadcast_to(images[episode, :, 14:15, 14:15], images[episode].shape)
+        check_episode(dataset, args, middles, previous[episode], labels[episode])
+
+    moves = set()
+    for image, index in zip(images.reshape(-1, 28, 28), indices.reshape(-1), strict=True):
+        if index == 0:
+            continue  # image 0 is blank paper: it does not show its move
+        rows, columns = np.flatnonzero(image.any(axis=1)), np.flatnonzero(image.any(axis=0))
+        down, right = rows[0] or rows[-1] - 27, columns[0] or columns[-1] - 27
+        assert max(abs(down), abs(right)) <= 2
+        expected = np.zeros([28, 28], np.float32)
+        expected[max(down, 0):28 + min(down, 0), max(right, 0):28 + min(right, 0)] = index
+        np.testing.assert_array_equal(image, expected)
+        moves.add((down, right))
+    assert len(moves) > 20, f"images must move each their own way, up to 2 pixels: {sorted(moves)}"
+
+    (unshifted, _), _ = collect(episode_batches(dataset, args, seed=7, episodes=12))[0]
+    np.testing.assert_array_equal(unshifted, unshifted[:, :, :1, :1] * np.ones([1, 1, 28, 28, 1]))
