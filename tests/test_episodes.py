@@ -168,5 +168,9 @@ def test_only_training_images_are_shifted():
         moves.add((down, right))
     assert len(moves) > 20, f"images must move each their own way, up to 2 pixels: {sorted(moves)}"
 
+    # The moves of an epoch depend on the seed and the epoch alone, as its episodes do: a resumed run sees them again.
+    assert_same_batches(collect(episode_batches(dataset, args, seed=7, episodes=12, epochs=range(1, 2))),
+                        collect(episode_batches(dataset, args, seed=7, episodes=12, epochs=range(2)))[1:])
+
     (unshifted, _), _ = collect(episode_batches(dataset, args, seed=7, episodes=12))[0]
     np.testing.assert_array_equal(unshifted, unshifted[:, :, :1, :1] * np.ones([1, 1, 28, 28, 1]))
