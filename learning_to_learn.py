@@ -540,6 +540,11 @@ def metric_names(args):
     return ["loss", "acc"] + [f"acc{nth}" for nth in reported_occurrences(args)]
 
 
+def steps_per_epoch(args):
+    """Training batches an epoch: the last one may hold fewer episodes."""
+    return math.ceil(args.train_episodes / args.batch_size)
+
+
 def build_model(args):
     steps = args.classes * args.images_per_class
     images = keras.Input([steps, Omniglot.H, Omniglot.W, Omniglot.C], name="images")
@@ -559,7 +564,7 @@ def build_model(args):
     if args.learning_rate_decay == "cosine":
         # A function of the optimizer's step count, which checkpoints keep: a resumed run goes on along the curve.
         learning_rate = keras.optimizers.schedules.CosineDecay(
-            learning_rate, decay_steps=args.epochs * math.ceil(args.train_episodes / args.batch_size))
+            learning_rate, decay_steps=args.epochs * steps_per_epoch(args))
 
     model = keras.Model([images, labels], predictions)
     model.compile(
@@ -728,10 +733,9 @@ def main(args, callbacks=()):
         return logs
 
     model = build_model(args)
-    steps_per_epoch = math.ceil(args.train_episodes / args.batch_size)
     callbacks, initial_epoch = list(callbacks), 0
     if args.checkpoint_dir:
-        checkpoint = EpochCheckpoint(args.checkpoint_dir, steps_per_epoch)
+        checkpoint = EpochCheckpoint(args.checkpoint_dir, steps_per_epoch(args))
         initial_epoch = checkpoint.restore(model)
         callbacks.append(checkpoint)
         if initial_epoch >= args.epochs:
@@ -743,7 +747,7 @@ def main(args, callbacks=()):
 
     train_split = with_rotations(omniglot.train) if args.rotations else omniglot.train
     train = episode_batches(train_split, args, args.seed, args.train_episodes, epochs=range(initial_epoch, args.epochs))
-    logs = model.fit(train, epochs=args.epochs, steps_per_epoch=steps_per_epoch, initial_epoch=initial_epoch,
+    logs = model.fit(train, epochs=args.epochs, steps_per_epoch=steps_per_epoch(args), initial_epoch=initial_epoch,
                      validation_data=dev, verbose=0 if args.recodex else "auto", callbacks=callbacks)
     if args.save_model:
         write_atomically(args.save_model, model.save, suffix=".keras")
