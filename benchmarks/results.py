@@ -32,6 +32,8 @@ RUNS = {
     "cosine-5way": (["--classes=5", "--learning_rate_decay=cosine"], False),
     "shift-5way": (["--classes=5", "--shift=2"], False),
     "shift-2way": (["--classes=2", "--shift=2"], False),
+    "shift1-5way": (["--classes=5", "--shift=1"], False),
+    "shift1-2way": (["--classes=2", "--shift=1"], False),
     # The first recipe of 60 epochs, under 60 minutes on 2 CPU cores.
     "sharpness-rotations-2heads-5way": (["--classes=5", "--read_sharpness=5", "--rotations", "--read_heads=2",
                                          "--epochs=60"], False),
