@@ -16,19 +16,21 @@ import sys
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from learning_to_learn import VALIDATION_SEED, episode_batches, load_trained_model, parser  # noqa: E402
+from learning_to_learn import load_trained_model, occurrences, parse_args, parser, validation_batches  # noqa: E402
 from omniglot_dataset import DataError, Omniglot  # noqa: E402
 
 
 def main(path, args):
-    model = load_trained_model(path, args)
+    model = load_trained_model(path, args.classes, args.images_per_class)
     answered_seen, right, labels_seen = [], [], []  # at each first occurrence
-    for (images, previous), labels in episode_batches(Omniglot().test, args, VALIDATION_SEED, args.test_episodes):
+    batches = validation_batches(Omniglot().test, args.classes, args.images_per_class, args.batch_size,
+                                 args.test_episodes)
+    for (images, previous), labels in batches:
         labels = labels.numpy()
         guesses = np.argmax(model.predict_on_batch((images, previous)), axis=-1)
         one_hot = np.eye(args.classes, dtype=bool)[labels]  # (episodes, steps, classes)
         seen_before = np.cumsum(one_hot, axis=1) - one_hot > 0  # labels given at earlier steps
-        first = ~np.any(seen_before & one_hot, axis=-1)
+        first = np.asarray(occurrences(labels, args.classes)) == 1
         answered_seen.append(np.take_along_axis(seen_before, guesses[..., None], axis=-1)[..., 0][first])
         right.append((guesses == labels)[first])
         labels_seen.append(seen_before.sum(axis=-1)[first])
@@ -47,6 +49,6 @@ if __name__ == "__main__":
     if len(sys.argv) < 2 or sys.argv[1].startswith("-"):
         parser.exit(2, "usage: python3 benchmarks/first_occurrences.py MODEL.keras [learning_to_learn.py flags]\n")
     try:
-        main(sys.argv[1], parser.parse_args(sys.argv[2:]))
+        main(sys.argv[1], parse_args(sys.argv[2:]))
     except DataError as error:
         parser.exit(2, f"first_occurrences.py: error: {error}\n")

@@ -1,85 +1,156 @@
 #!/usr/bin/env python3
-"""The results table and chart: the last epoch of full training runs, beside published anchors.
+"""The results tables and chart, written from the record of full training runs, `benchmarks/runs.csv`.
 
-    OMNIGLOT_DATA=../shared/omniglot/omniglot.npz python3 benchmarks/results.py --run logs/
+    python3 benchmarks/results.py write             # the tables in README.md and benchmarks/README.md, the chart
+    python3 benchmarks/results.py check             # exit status 1 if a table differs from the record
+    OMNIGLOT_DATA=../shared/omniglot/omniglot.npz python3 benchmarks/results.py run NAME [NAME ...]
 
-trains every configuration of RUNS (20 epochs unless RUNS says more: 6 min
-21 s to 15 min 6 s a 20-epoch run on 2 CPU cores), keeping each run's output in
-logs/NAME.log; without --run it reads logs already there. It prints the
-Markdown table of each run's last epoch (never the best one) and draws
-benchmarks/accuracy_by_occurrence.png (matplotlib: pip install -r
-benchmarks/requirements.txt).
+`run` trains the named runs of RUNS one after another (run it from a clone
+of main, so that edits do not change a running program), keeps each output
+in benchmarks/logs/NAME.log, records its last epoch (never the best one),
+wall time, date and machine in runs.csv, and writes the tables. The chart
+needs matplotlib (pip install -r benchmarks/requirements.txt).
 """
 import argparse
+import csv
 import os
+import platform
 import re
 import subprocess
 import sys
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-# name: (flags, drawn in the chart); every run uses the default --seed=42.
-RUNS = {
-    "default-5way": (["--classes=5"], True),
-    "default-2way": (["--classes=2"], False),
-    "lstm-only-5way": (["--classes=5", "--read_heads=0"], True),
-    # A first step towards a best recipe: 36 epochs, 37 min 52 s on 2 CPU cores.
-    "rotations-2heads-5way": (["--classes=5", "--rotations", "--read_heads=2", "--epochs=36"], False),
-    # Sharper reads alone, on the default budget.
-    "sharpness-5way": (["--classes=5", "--read_sharpness=5"], False),
-    "sharpness-2way": (["--classes=2", "--read_sharpness=5"], False),
-    # Training choices alone, on the default model and budget: a decaying learning rate; images moved at random.
-    "cosine-5way": (["--classes=5", "--learning_rate_decay=cosine"], False),
-    "shift-5way": (["--classes=5", "--shift=2"], False),
-    "shift-2way": (["--classes=2", "--shift=2"], False),
-    "shift1-5way": (["--classes=5", "--shift=1"], False),
-    "shift1-2way": (["--classes=2", "--shift=1"], False),
-    # The first recipe of 60 epochs, under 60 minutes on 2 CPU cores.
-    "sharpness-rotations-2heads-5way": (["--classes=5", "--read_sharpness=5", "--rotations", "--read_heads=2",
-                                         "--epochs=60"], False),
-    # That recipe with a CNN of twice the filters, which needs a smaller learning rate to start using memory.
-    "wide-5way": (["--classes=5", "--cnn_filters=16,32,64", "--learning_rate=0.0005", "--read_sharpness=5",
-                   "--rotations", "--read_heads=2", "--epochs=36"], False),
-    # Sharper reads still, which need the smaller learning rate too; under 60 minutes.
-    "sharpness10-rotations-2heads-5way": (["--classes=5", "--learning_rate=0.0005", "--read_sharpness=10",
-                                           "--rotations", "--read_heads=2", "--epochs=60"], False),
-    # The first recipe with training images moved at random; under 60 minutes.
-    "shift-rotations-2heads-5way": (["--classes=5", "--read_sharpness=5", "--rotations", "--read_heads=2",
-                                     "--shift=2", "--epochs=60"], False),
-    # That one with the learning rate decaying to 0; under 60 minutes.
-    "cosine-shift-rotations-2heads-5way": (["--classes=5", "--read_sharpness=5", "--rotations", "--read_heads=2",
-                                            "--shift=2", "--learning_rate_decay=cosine", "--epochs=60"], False),
-    # The best recipe: that one with memory cells of 80 units instead of 40; under 60 minutes.
-    "best-5way": (["--classes=5", "--read_sharpness=5", "--rotations", "--read_heads=2", "--shift=2",
-                   "--learning_rate_decay=cosine", "--cell_size=80", "--epochs=60"], True),
-}
-NAMES = ["loss", "acc", "acc1", "acc2", "acc5", "acc10"]
-OCCURRENCES = [1, 2, 5, 10]
-# 5-way, 10 images per class; the assignment's example log and Santoro et al. (ICML 2016), table 1.
-PUBLISHED = {
-    "assignment example, 20 epochs": [0.3202, 0.7908, 0.8802, 0.9178],
-    "Santoro et al. MANN": [0.364, 0.828, 0.949, 0.981],
-    "Santoro et al. human": [0.345, 0.573, 0.814, 0.924],
-    "Santoro et al. LSTM": [0.244, 0.495, 0.636, 0.625],
-}
+sys.path.insert(0, ROOT)
+from learning_to_learn import OCCURRENCES, metric_names  # noqa: E402
+
+RECORD = os.path.join(ROOT, "benchmarks", "runs.csv")
 CHART = os.path.join(ROOT, "benchmarks", "accuracy_by_occurrence.png")
+LOGS = os.path.join(ROOT, "benchmarks", "logs")
+METRICS = [f"val_{name}" for name in metric_names(OCCURRENCES[-1])]
+
+# Every run: its flags, and why it is there. Without --seed a run has the default 42.
+BEST = ["--classes=5", "--read_sharpness=5", "--rotations", "--read_heads=2", "--shift=2",
+        "--learning_rate_decay=cosine", "--cell_size=80", "--epochs=60"]
+RUNS = {
+    # The assignment's model and training.
+    "default-5way": ["--classes=5"],
+    "default-2way": ["--classes=2"],
+    "lstm-only-5way": ["--classes=5", "--read_heads=0"],  # no memory reads: what the controller alone learns
+    "rotations-2heads-5way": ["--classes=5", "--rotations", "--read_heads=2", "--epochs=36"],
+    # Sharper reads on the default budget.
+    "sharpness-5way": ["--classes=5", "--read_sharpness=5"],
+    "sharpness-2way": ["--classes=2", "--read_sharpness=5"],
+    # Training choices alone, on the default model and budget.
+    "cosine-5way": ["--classes=5", "--learning_rate_decay=cosine"],
+    "shift-5way": ["--classes=5", "--shift=2"],
+    "shift-2way": ["--classes=2", "--shift=2"],
+    "shift1-5way": ["--classes=5", "--shift=1"],
+    "shift1-2way": ["--classes=2", "--shift=1"],
+    # The recipes of 60 minutes on 2 CPU cores, each a step from the one before.
+    "sharpness-rotations-2heads-5way": ["--classes=5", "--read_sharpness=5", "--rotations", "--read_heads=2",
+                                        "--epochs=60"],
+    "wide-5way": ["--classes=5", "--cnn_filters=16,32,64", "--learning_rate=0.0005", "--read_sharpness=5",
+                  "--rotations", "--read_heads=2", "--epochs=36"],
+    "sharpness10-rotations-2heads-5way": ["--classes=5", "--learning_rate=0.0005", "--read_sharpness=10",
+                                          "--rotations", "--read_heads=2", "--epochs=60"],
+    "shift-rotations-2heads-5way": ["--classes=5", "--read_sharpness=5", "--rotations", "--read_heads=2",
+                                    "--shift=2", "--epochs=60"],
+    "cosine-shift-rotations-2heads-5way": BEST[:5] + ["--learning_rate_decay=cosine", "--epochs=60"],
+    "best-5way": BEST,
+    "best-5way-seed1": BEST + ["--seed=1"],
+}
+README_RUNS = ["default-5way", "default-2way", "lstm-only-5way", "sharpness-5way", "best-5way", "best-5way-seed1"]
+CHART_RUNS = ["default-5way", "lstm-only-5way", "sharpness-5way", "best-5way"]
+# 5-way, 10 drawings per class, at the 1st, 2nd, 5th and 10th occurrence: the assignment's example log
+# (20 epochs) and Santoro et al., ICML 2016, table 1 (their split of Omniglot, 100,000 episodes).
+ANCHORS = {
+    "the assignment's example, 20 epochs": [0.3202, 0.7908, 0.8802, 0.9178],
+    "Santoro et al. 2016, MANN": [0.364, 0.828, 0.949, 0.981],
+    "Santoro et al. 2016, human": [0.345, 0.573, 0.814, 0.924],
+    "Santoro et al. 2016, LSTM": [0.244, 0.495, 0.636, 0.625],
+    "the limit (a new class takes a label not yet seen)": [0.457, 1, 1, 1],
+}
+# Beside the runs of the top-level README; the 2-way example is the assignment's too.
+README_ANCHORS = {**{title: ANCHORS[title] for title in list(ANCHORS)[:2]},
+                  "the assignment's example, 2-way": [0.6815, 0.9270, 0.9665, 0.9785],
+                  "the limit, 5-way": ANCHORS["the limit (a new class takes a label not yet seen)"]}
 
 
-def last_epoch(log):
-    """The validation metrics of the last epoch that a run's output shows: {name: value}."""
-    text = open(log, errors="replace").read()
-    metrics = {}
-    for name in NAMES:
-        found = re.findall(rf"val_{name}: (\d+\.\d+)", text)
-        if not found:
-            sys.exit(f"results.py: error: {log} shows no val_{name}")
-        metrics[name] = float(found[-1])
-    metrics["epochs"] = len(re.findall(r"val_acc: ", text))
-    return metrics
+def read_record():
+    with open(RECORD, newline="") as file:
+        return {row["name"]: row for row in csv.DictReader(file)}
+
+
+def occurrence_cells(values):
+    return " | ".join(f"{value:.4g}" if isinstance(value, float) else str(value) for value in values)
+
+
+def tables(record):
+    """{marker: Markdown table} of what README.md and benchmarks/README.md show."""
+    def flags(name):
+        return f"`{' '.join(RUNS[name])}`"
+
+    headline = ["| | val_acc | 1st | 2nd | 5th | 10th | training |", "| --- | --- | --- | --- | --- | --- | --- |"]
+    for title, name in [("default flags", "default-5way"), ("the best recipe", "best-5way")]:
+        run = record[name]
+        headline.append(f"| {title} (5-way, {run['epochs']} epochs) | {run['val_acc']} | "
+                        + " | ".join(run[f"val_acc{nth}"] for nth in OCCURRENCES)
+                        + f" | {run['wall']} on {run['machine']} |")
+    for title in list(ANCHORS)[:2] + list(ANCHORS)[-1:]:
+        headline.append(f"| {title} | | {occurrence_cells(ANCHORS[title])} | |")
+
+    def runs_table(names, columns, headers=None):
+        lines = ["| run | flags | seed | epochs | wall | machine | date | " + " | ".join(headers or columns) + " |",
+                 "| --- " * (7 + len(columns)) + "|"]
+        for name in names:
+            run = record[name]
+            lines.append(f"| {name} | {flags(name)} | {run['seed']} | {run['epochs']} | {run['wall']} | "
+                         f"{run['machine']} | {run['date']} | " + " | ".join(run[column] for column in columns) + " |")
+        return lines
+
+    anchors = ["| anchor (5-way) | 1st | 2nd | 5th | 10th |", "| --- | --- | --- | --- | --- |"]
+    anchors += [f"| {title} | {occurrence_cells(values)} |" for title, values in ANCHORS.items()]
+    occurrence_columns = [f"val_acc{nth}" for nth in OCCURRENCES]
+    readme = runs_table(README_RUNS, occurrence_columns, headers=["1st", "2nd", "5th", "10th"])
+    readme += [f"| {title} | | | | | | | {occurrence_cells(values)} |" for title, values in README_ANCHORS.items()]
+    return {"headline": "\n".join(headline), "readme-runs": "\n".join(readme),
+            "anchors": "\n".join(anchors), "all-runs": "\n".join(runs_table(RUNS, METRICS))}
+
+
+def marked(name):
+    return re.compile(rf"(<!-- results\.py: {name} -->\n).*?(<!-- end -->)", re.DOTALL)
+
+
+def documents():
+    return [os.path.join(ROOT, "README.md"), os.path.join(ROOT, "benchmarks", "README.md")]
+
+
+def with_tables(text, record):
+    for name, table in tables(record).items():
+        text = marked(name).sub(lambda match, table=table: match.group(1) + table + "\n" + match.group(2), text)
+    return text
+
+
+def check():
+    """The documents whose tables differ from the record (an empty list when all agree)."""
+    record = read_record()
+    return [path for path in documents() if with_tables(open(path).read(), record) != open(path).read()]
+
+
+def write():
+    record = read_record()
+    for path in documents():
+        text = open(path).read()
+        if with_tables(text, record) != text:
+            with open(path, "w") as file:
+                file.write(with_tables(text, record))
+    draw({**{name: [float(record[name][f"val_acc{nth}"]) for nth in OCCURRENCES] for name in CHART_RUNS},
+          **ANCHORS}, CHART)
 
 
 def draw(series, path):
-    """Accuracy by occurrence, one line a series: runs solid, published points dashed."""
+    """Accuracy by occurrence, one line a series: runs solid, anchors dashed."""
     try:
         import matplotlib
     except ImportError:
@@ -89,7 +160,7 @@ def draw(series, path):
 
     figure, axes = pyplot.subplots(figsize=(8, 4.5), dpi=100)
     for name, accuracies in series.items():
-        axes.plot(OCCURRENCES, accuracies, marker="o", label=name, linestyle="--" if name in PUBLISHED else "-")
+        axes.plot(OCCURRENCES, accuracies, marker="o", label=name, linestyle="--" if name in ANCHORS else "-")
     axes.set(xlabel="occurrence of the class in the episode", ylabel="validation accuracy (5-way)",
              xticks=OCCURRENCES, ylim=(0, 1))
     axes.grid(alpha=0.3)
@@ -97,30 +168,57 @@ def draw(series, path):
     figure.savefig(path, bbox_inches="tight")
 
 
-def main(options):
-    os.makedirs(options.logs, exist_ok=True)
-    results = {}
-    for name, (flags, _) in RUNS.items():
-        log = os.path.join(options.logs, f"{name}.log")
-        if options.run:
-            start = time.perf_counter()
-            with open(log, "w") as output:
-                subprocess.run([sys.executable, os.path.join(ROOT, "learning_to_learn.py"), *flags],
-                               stdout=output, stderr=subprocess.STDOUT, check=True)
-            print(f"{name}: {time.perf_counter() - start:.0f} s", file=sys.stderr)
-        results[name] = last_epoch(log)
+def last_epoch(log):
+    """The validation metrics of the last epoch that a run's output shows, and the number of epochs."""
+    text = open(log, errors="replace").read()
+    metrics = {}
+    for name in METRICS:
+        found = re.findall(rf"{name}: (\d+\.\d+)", text)
+        if not found:
+            sys.exit(f"results.py: error: {log} shows no {name}")
+        metrics[name] = found[-1]
+    return metrics, len(re.findall(r"val_acc: ", text))
 
-    print("| run | flags | epochs | " + " | ".join(f"val_{name}" for name in NAMES) + " |")
-    print("| --- | --- | --- | " + " | ".join("---" for _ in NAMES) + " |")
-    for name, metrics in results.items():
-        print(f"| {name} | `{' '.join(RUNS[name][0])}` | {metrics['epochs']} | "
-              + " | ".join(f"{metrics[metric]:.4f}" for metric in NAMES) + " |")
-    drawn = {name: [results[name][f"acc{nth}"] for nth in OCCURRENCES] for name, (_, shown) in RUNS.items() if shown}
-    draw({**drawn, **PUBLISHED}, CHART)
+
+def run(names):
+    os.makedirs(LOGS, exist_ok=True)
+    record = read_record()
+    for name in names:
+        log = os.path.join(LOGS, f"{name}.log")
+        start = time.monotonic()
+        with open(log, "w") as output:
+            subprocess.run([sys.executable, os.path.join(ROOT, "learning_to_learn.py"), *RUNS[name]],
+                           stdout=output, stderr=subprocess.STDOUT, check=True)
+        minutes, seconds = divmod(int(time.monotonic() - start), 60)
+        metrics, epochs = last_epoch(log)
+        seed = next((flag.split("=")[1] for flag in RUNS[name] if flag.startswith("--seed=")), "42")
+        record[name] = {"name": name, "seed": seed, "date": time.strftime("%Y-%m-%d"),
+                        "machine": f"{'GPU' if gpu() else 'CPU'}, {os.cpu_count()} cores",
+                        "wall": f"{minutes}:{seconds:02d}", "epochs": epochs, **metrics}
+        with open(RECORD, "w", newline="") as file:
+            writer = csv.DictWriter(file, fieldnames=["name", "seed", "date", "machine", "wall", "epochs", *METRICS])
+            writer.writeheader()
+            writer.writerows(record[known] for known in RUNS if known in record)
+        print(f"{name}: {minutes}:{seconds:02d} on {platform.node()}", file=sys.stderr)
+    write()
+
+
+def gpu():
+    import tensorflow as tf
+
+    return bool(tf.config.list_physical_devices("GPU"))
 
 
 if __name__ == "__main__":
     options = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    options.add_argument("logs", help="Folder of the runs' logs.")
-    options.add_argument("--run", action="store_true", help="Train the runs first (else read their logs).")
-    main(options.parse_args())
+    options.add_argument("command", choices=["write", "check", "run"])
+    options.add_argument("names", nargs="*", metavar="NAME", help="Runs of RUNS, for run.")
+    arguments = options.parse_args()
+    if unknown := [name for name in arguments.names if name not in RUNS]:
+        options.error(f"no such run: {', '.join(unknown)}; RUNS has {', '.join(RUNS)}")
+    if arguments.command == "run":
+        run(arguments.names)
+    elif arguments.command == "write":
+        write()
+    elif stale := check():
+        sys.exit(f"results.py: the tables of {', '.join(stale)} differ from {RECORD}: run results.py write")

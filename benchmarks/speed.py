@@ -50,7 +50,7 @@ def measure(flags):
         def on_epoch_end(self, epoch, logs=None):
             self.epoch_ends.append(time.perf_counter() - START)
 
-    args = learning_to_learn.parser.parse_args(flags)
+    args = learning_to_learn.parse_args(flags)
     clock = Clock()
     learning_to_learn.main(args, callbacks=[clock])
     steady = sorted(clock.training_seconds[1:])[len(clock.training_seconds[1:]) // 2]

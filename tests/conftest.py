@@ -9,6 +9,10 @@ SHARED_OMNIGLOT = os.path.join(ROOT, "..", "shared", "omniglot")
 sys.path.insert(0, ROOT)
 
 
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: starts the program as a process (pytest -m 'not slow' skips it)")
+
+
 @pytest.fixture(scope="session")
 def omniglot_npz():
     """The real data set: OMNIGLOT_DATA where set, else the copy in ../shared beside the project."""

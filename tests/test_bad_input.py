@@ -10,24 +10,26 @@ import numpy as np
 import pytest
 
 from conftest import ROOT, run_program
-from learning_to_learn import build_model, load_trained_model, parser
+from learning_to_learn import build_model, load_trained_model, parse_args
 from omniglot_dataset import DataError, Omniglot
 
 
 @pytest.mark.parametrize("flag, message", [
     ("--classes=1", "argument --classes: invalid value 1: must be at least 2"),
-    ("--classes=five", "argument --classes: invalid value 'five': expected an integer"),
+    ("--classes=five", "argument --classes: invalid int value: 'five'"),
     ("--images_per_class=0", "argument --images_per_class: invalid value 0: must be at least 1"),
     ("--batch_size=0", "argument --batch_size: invalid value 0: must be at least 1"),
     ("--cell_size=0", "argument --cell_size: invalid value 0: must be at least 1"),
     ("--lstm_dim=-3", "argument --lstm_dim: invalid value -3: must be at least 1"),
     ("--epochs=0", "argument --epochs: invalid value 0: must be at least 1"),
     ("--train_episodes=0", "argument --train_episodes: invalid value 0: must be at least 1"),
-    ("--test_episodes=1.5", "argument --test_episodes: invalid value '1.5': expected an integer"),
+    ("--test_episodes=1.5", "argument --test_episodes: invalid int value: '1.5'"),
+    ("--test_episodes=0", "argument --test_episodes: invalid value 0: must be at least 1"),
     ("--read_heads=-1", "argument --read_heads: invalid value -1: must be at least 0"),
     ("--read_sharpness=0", "argument --read_sharpness: invalid value 0: must be a finite number above 0"),
     ("--read_sharpness=inf", "argument --read_sharpness: invalid value inf: must be a finite number above 0"),
-    ("--read_sharpness=sharp", "argument --read_sharpness: invalid value 'sharp': expected a number"),
+    ("--read_sharpness=sharp", "argument --read_sharpness: invalid float value: 'sharp'"),
+    ("--read_sharpness=nan", "argument --read_sharpness: invalid value nan: must be a finite number above 0"),
     ("--cnn_filters=8,16",
      "argument --cnn_filters: invalid value '8,16': expected three integers above 0, as in 8,16,32"),
     ("--cnn_filters=8,x,32",
@@ -35,20 +37,24 @@ from omniglot_dataset import DataError, Omniglot
     ("--cnn_filters=0,16,32",
      "argument --cnn_filters: invalid value '0,16,32': expected three integers above 0, as in 8,16,32"),
     ("--learning_rate=0", "argument --learning_rate: invalid value 0: must be a finite number above 0"),
+    ("--learning_rate=-1e-3", "argument --learning_rate: invalid value -0.001: must be a finite number above 0"),
     ("--shift=-1", "argument --shift: invalid value -1: must be at least 0"),
     ("--threads=-1", "argument --threads: invalid value -1: must be at least 0"),
     ("--seed=x", "argument --seed: invalid int value: 'x'"),
+    ("--seed=-1", "argument --seed: invalid value -1: must be at least 0"),
+    ("--seed=4294967296", "argument --seed: invalid value 4294967296: must be at most 4294967295"),
     ("--save_model=model.h5", "argument --save_model: invalid path 'model.h5': expected a name ending in .keras"),
     ("--save_model=no/such/folder/m.keras",
      "argument --save_model: invalid path 'no/such/folder/m.keras': its folder does not exist"),
     ("--evaluate=no_such_model.keras", "argument --evaluate: invalid path 'no_such_model.keras': no such file"),
     ("--checkpoint_dir=README.md",
      "argument --checkpoint_dir: invalid path 'README.md': it exists and is not a folder"),
+    ("--logdir=README.md", "argument --logdir: invalid path 'README.md': it exists and is not a folder"),
 ])
 def test_bad_flag_is_refused_by_the_parser(flag, message, capsys, monkeypatch):
     monkeypatch.chdir(ROOT)
     with pytest.raises(SystemExit) as exit:
-        parser.parse_args([flag])
+        parse_args([flag])
     assert exit.value.code == 2
     assert capsys.readouterr().err.splitlines()[-1] == f"{os.path.basename(sys.argv[0])}: error: {message}"
 
@@ -60,6 +66,7 @@ def assert_refused(result, message):
     assert result.stderr.splitlines()[-1] == f"learning_to_learn.py: error: {message}"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("flag, message", [
     ("--classes=660", "argument --classes: invalid value 660: the test split has only 659 characters"),
     ("--images_per_class=21",
@@ -72,6 +79,7 @@ def test_episodes_a_split_cannot_fill_are_refused_before_training(flag, message,
     assert os.listdir(tmp_path) == [], "a refused run wrote files"
 
 
+@pytest.mark.slow
 def test_a_file_that_is_no_model_is_refused_by_evaluate(omniglot_npz, tmp_path):
     (tmp_path / "notes.keras").write_text("not a model")
     result = run_program("--evaluate=notes.keras", data=omniglot_npz, cwd=tmp_path)
@@ -135,6 +143,7 @@ def test_bad_cache_file_says_to_remove_it(kind, tmp_path, monkeypatch, omniglot_
     assert str(path) in str(error.value)
 
 
+@pytest.mark.slow
 def test_bad_data_file_ends_the_program_with_one_line(tmp_path, omniglot_npz):
     result = run_program("--epochs=1", data=tmp_path / "none.npz", cwd=tmp_path)
     assert_refused(result, f"cannot read {tmp_path / 'none.npz'} as an npz file "
@@ -145,12 +154,12 @@ def test_bad_data_file_ends_the_program_with_one_line(tmp_path, omniglot_npz):
 def test_evaluate_refuses_a_foreign_model_and_one_of_other_episodes(tmp_path):
     foreign = keras.Sequential([keras.Input([4]), keras.layers.Dense(2)])
     foreign.save(tmp_path / "foreign.keras")
-    args = parser.parse_args(["--classes=3", "--images_per_class=2", "--lstm_dim=8", "--cell_size=4"])
+    args = parse_args(["--classes=3", "--images_per_class=2", "--lstm_dim=8", "--cell_size=4"])
     with pytest.raises(DataError, match="foreign.keras is a Keras model but not one of this program"):
-        load_trained_model(str(tmp_path / "foreign.keras"), args)
+        load_trained_model(str(tmp_path / "foreign.keras"), classes=3, images_per_class=2)
 
     build_model(args).save(tmp_path / "three_way.keras")
-    five_way = parser.parse_args(["--classes=5", "--images_per_class=2"])
     with pytest.raises(DataError, match="trained on episodes of --classes=3 --images_per_class=2: evaluate it with"):
-        load_trained_model(str(tmp_path / "three_way.keras"), five_way)
-    assert load_trained_model(str(tmp_path / "three_way.keras"), args).outputs[0].shape[-1] == 3
+        load_trained_model(str(tmp_path / "three_way.keras"), classes=5, images_per_class=2)
+    model = load_trained_model(str(tmp_path / "three_way.keras"), classes=3, images_per_class=2)
+    assert model.outputs[0].shape[-1] == 3

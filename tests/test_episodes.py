@@ -4,7 +4,14 @@ import argparse
 import numpy as np
 import tensorflow as tf
 
-from learning_to_learn import EpisodeGenerator, episode_batches, previous_labels, shifted, with_rotations
+from learning_to_learn import (
+    EpisodeGenerator,
+    previous_labels,
+    shifted,
+    training_batches,
+    validation_batches,
+    with_rotations,
+)
 
 
 def make_dataset(counts):
@@ -18,6 +25,19 @@ def make_dataset(counts):
 
 def make_args(classes=3, images_per_class=4, batch_size=5, shift=0):
     return argparse.Namespace(classes=classes, images_per_class=images_per_class, batch_size=batch_size, shift=shift)
+
+
+def generator(dataset, args, seed):
+    return EpisodeGenerator(dataset, args.classes, args.images_per_class, seed)
+
+
+def training(dataset, args, seed, episodes, epochs):
+    return training_batches(dataset, args.classes, args.images_per_class, args.batch_size, episodes, seed, epochs,
+                            shift=args.shift)
+
+
+def validation(dataset, args, episodes):
+    return validation_batches(dataset, args.classes, args.images_per_class, args.batch_size, episodes)
 
 
 def check_episode(dataset, args, images, previous, labels):
@@ -40,10 +60,10 @@ def check_episode(dataset, args, images, previous, labels):
 def test_generator_episodes_hold_the_definition():
     counts = [4, 6, 20, 5, 9, 4, 7]  # some characters have exactly images_per_class drawings
     dataset, args = make_dataset(counts), make_args()
-    episodes = EpisodeGenerator(dataset, args, seed=3)()
+    all_indices, all_labels = generator(dataset, args, seed=3).sample(300)
     characters_seen, labels_of_character = set(), {}
-    for _ in range(300):
-        (images, previous), labels = next(episodes)
+    for indices, labels in zip(all_indices, all_labels, strict=True):
+        images, previous = dataset.data["images"][indices], previous_labels(labels)
         for label, character in check_episode(dataset, args, images, previous, labels).items():
             characters_seen.add(character)
             labels_of_character.setdefault(character, set()).add(label)
@@ -54,7 +74,7 @@ def test_generator_episodes_hold_the_definition():
 
 def test_steps_are_shuffled_not_grouped_by_class():
     dataset, args = make_dataset([10] * 5), make_args(classes=5, images_per_class=10)
-    (indices, labels) = EpisodeGenerator(dataset, args, seed=0).sample(200)
+    (indices, labels) = generator(dataset, args, seed=0).sample(200)
     sorted_runs = np.mean([np.all(np.diff(episode) >= 0) for episode in labels])
     assert sorted_runs == 0
     # Every position holds every label about equally often: 200 episodes x 10 of 50 steps per label.
@@ -64,9 +84,9 @@ def test_steps_are_shuffled_not_grouped_by_class():
 
 def test_same_seed_same_episodes_other_seed_others():
     dataset, args = make_dataset([20] * 10), make_args()
-    first = EpisodeGenerator(dataset, args, seed=5).sample(4)
-    again = EpisodeGenerator(dataset, args, seed=5).sample(4)
-    other = EpisodeGenerator(dataset, args, seed=6).sample(4)
+    first = generator(dataset, args, seed=5).sample(4)
+    again = generator(dataset, args, seed=5).sample(4)
+    other = generator(dataset, args, seed=6).sample(4)
     np.testing.assert_array_equal(first[0], again[0])
     assert not np.array_equal(first[0], other[0])
 
@@ -89,29 +109,32 @@ def assert_same_batches(batches, expected):
 
 def test_training_batches_hold_the_definition_and_are_fresh_every_epoch():
     dataset, args = make_dataset([20] * 12), make_args(batch_size=5)
-    batches = collect(episode_batches(dataset, args, seed=7, episodes=12, epochs=range(2)))
+    batches = collect(training(dataset, args, seed=7, episodes=12, epochs=range(2)))
     assert [len(labels) for _, labels in batches] == [5, 5, 2] * 2, "an epoch is 12 episodes, its own batches"
     for (images, previous), labels in batches:
         for episode in range(len(labels)):
             check_episode(dataset, args, images[episode], previous[episode], labels[episode])
 
     # The batches are the generator's episodes, drawn for (seed, epoch).
-    indices, labels = EpisodeGenerator(dataset, args, seed=[7, 1]).sample(12)
+    indices, labels = generator(dataset, args, seed=[7, 1]).sample(12)
     np.testing.assert_array_equal(batches[3][0][0][:, :, 0, 0, 0], indices[:5])
     np.testing.assert_array_equal(batches[3][1], labels[:5])
     assert not np.array_equal(batches[0][1], batches[3][1]), "training repeats its episodes"
 
     # The episodes of an epoch depend on the seed and the epoch alone: a resumed run draws the same.
-    resumed = collect(episode_batches(dataset, args, seed=7, episodes=12, epochs=range(1, 2)))
+    resumed = collect(training(dataset, args, seed=7, episodes=12, epochs=range(1, 2)))
     assert_same_batches(resumed, batches[3:])
 
 
 def test_validation_batches_stay_fixed():
     dataset, args = make_dataset([20] * 12), make_args()
-    batches = episode_batches(dataset, args, seed=42, episodes=10)
+    batches = validation(dataset, args, episodes=10)
     first, again = collect(batches), collect(batches)
     assert [len(labels) for _, labels in first] == [5, 5]
     assert_same_batches(first, again)
+    for (images, previous), labels in first:
+        for episode in range(len(labels)):
+            check_episode(dataset, args, images[episode], previous[episode], labels[episode])
 
 
 def test_rotations_make_every_quarter_turn_a_new_character():
@@ -125,7 +148,7 @@ def test_rotations_make_every_quarter_turn_a_new_character():
         for image in rotated["images"][3 * quarter:3 * (quarter + 1)]:
             assert image[row, column, 0] == 1 and image.sum() == 1
 
-    indices, _ = EpisodeGenerator(argparse.Namespace(data=rotated), make_args(images_per_class=1), seed=0).sample(50)
+    indices, _ = generator(argparse.Namespace(data=rotated), make_args(images_per_class=1), seed=0).sample(50)
     assert len(np.unique(rotated["labels"][indices])) == 8, "every rotation is drawn as a character of its own"
 
 
@@ -149,7 +172,7 @@ def test_shifted_moves_each_image_its_own_way_with_blank_paper_behind():
 
 def test_only_training_images_are_shifted():
     dataset, args = make_dataset([20] * 12), make_args(batch_size=12, shift=2)
-    (images, previous), labels = collect(episode_batches(dataset, args, seed=7, episodes=12, epochs=range(1)))[0]
+    (images, previous), labels = collect(training(dataset, args, seed=7, episodes=12, epochs=range(1)))[0]
     indices = images[:, :, 14, 14, 0].astype(int)  # the middle pixel still names the image
     for episode in range(12):
         middles = np.broadcast_to(images[episode, :, 14:15, 14:15], images[episode].shape)
@@ -169,8 +192,8 @@ def test_only_training_images_are_shifted():
     assert len(moves) > 20, f"images must move each their own way, up to 2 pixels: {sorted(moves)}"
 
     # The moves of an epoch depend on the seed and the epoch alone, as its episodes do: a resumed run sees them again.
-    assert_same_batches(collect(episode_batches(dataset, args, seed=7, episodes=12, epochs=range(1, 2))),
-                        collect(episode_batches(dataset, args, seed=7, episodes=12, epochs=range(2)))[1:])
+    assert_same_batches(collect(training(dataset, args, seed=7, episodes=12, epochs=range(1, 2))),
+                        collect(training(dataset, args, seed=7, episodes=12, epochs=range(2)))[1:])
 
-    (unshifted, _), _ = collect(episode_batches(dataset, args, seed=7, episodes=12))[0]
+    (unshifted, _), _ = collect(validation(dataset, args, episodes=12))[0]
     np.testing.assert_array_equal(unshifted, unshifted[:, :, :1, :1] * np.ones([1, 1, 28, 28, 1]))

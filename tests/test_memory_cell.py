@@ -4,16 +4,22 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from learning_to_learn import MemoryAugmentedLSTM, MemoryAugmentedRNN
+from learning_to_learn import MemoryAugmentedLSTM, MemoryAugmentedRNN, unit_vectors
+
+EPSILON = keras.config.epsilon()  # ops.normalize floors a norm at Keras's epsilon, 1e-7
 
 
 def sigmoid(x):
     return 1 / (1 + np.exp(-x))
 
 
+def unit(x):
+    """x / max(|x|, epsilon): a vector shorter than epsilon is only scaled, an empty one stays empty."""
+    return x / max(np.linalg.norm(x), EPSILON)
+
+
 def cosine(a, b):
-    norms = np.linalg.norm(a) * np.linalg.norm(b)
-    return 0.0 if norms == 0 else a @ b / norms
+    return unit(a) @ unit(b)
 
 
 def numpy_step(cell, x, h, c, read_value, memory):
@@ -85,6 +91,27 @@ def test_write_prepends_and_drops_the_last_cell():
     np.testing.assert_array_equal(written, [[[7, 8], [1, 2], [3, 4]]])
 
 
+@pytest.mark.parametrize("norm", [1e-8, 5e-8, 1e-7, 2e-7, 1e-5, 1e-2, 1.0])
+def test_unit_vectors_divide_by_the_norm_floored_at_epsilon(norm):
+    x = np.array([[3, -4, 12], [0, 0, 0]], np.float32) / 13 * np.float32(norm)  # a vector of that norm, an empty one
+    units, inverse_norms = unit_vectors(x)
+    np.testing.assert_allclose(units, [unit(x[0]), unit(x[1])], rtol=1e-5, atol=0)
+    np.testing.assert_allclose(inverse_norms, [[1 / max(norm, EPSILON)], [1 / EPSILON]], rtol=1e-5)
+
+
+def test_read_of_a_tiny_cell_uses_the_floored_norm():
+    cell = MemoryAugmentedLSTM(units=4, memory_cells=3, cell_size=3, read_heads=1, read_sharpness=2.0)
+    memory = np.array([[[3e-9, 4e-9, 0], [0, 0, 1], [1, 1, 1]]], np.float32)  # a cell of norm 5e-9 first
+    keys = np.array([[[0.6, 0.8, 0]]], np.float32)  # pointing where the tiny cell points
+    # Its cosine with the key is 5e-9 / 1e-7 = 0.05, not 1: a tiny cell is almost as weak as an empty one.
+    similarity = np.array([0.05, 0, (0.6 + 0.8) / np.sqrt(3)])
+    weights = np.exp(2 * similarity) / np.exp(2 * similarity).sum()
+    read_value, read_weights = cell._read(memory, keys)
+    np.testing.assert_allclose(read_weights, [[weights]], rtol=1e-5)
+    np.testing.assert_allclose(read_value, [weights @ memory[0]], rtol=1e-5)
+    np.testing.assert_allclose(similarity, [cosine(keys[0, 0], m) for m in memory[0]], rtol=1e-5, atol=1e-7)
+
+
 def test_read_weights_cells_by_softmax_of_cosine_similarity():
     cell = MemoryAugmentedLSTM(units=4, memory_cells=2, cell_size=2, read_heads=2)
     memory = np.array([[[2, 0], [0, 3]]], np.float32)
@@ -97,16 +124,20 @@ def test_read_weights_cells_by_softmax_of_cosine_similarity():
                                rtol=1e-6)
 
 
-@pytest.mark.parametrize("read_heads, memory_cells, read_sharpness, jit_compile",
-                         [(1, 7, 1.0, False), (3, 4, 5.0, True), (0, 7, 1.0, True)])
+@pytest.mark.parametrize("read_heads, memory_cells, read_sharpness, jit_compile, tiny_cell",
+                         [(1, 7, 1.0, False, False), (3, 4, 5.0, True, False), (0, 7, 1.0, True, False),
+                          (2, 7, 3.0, False, True)])
 def test_fused_layer_matches_the_cell_loop_and_its_automatic_gradients(read_heads, memory_cells, read_sharpness,
-                                                                       jit_compile):
-    # 7 steps: with 4 cells old cells drop; 0 heads is the LSTM-only baseline.
+                                                                       jit_compile, tiny_cell):
+    # 7 steps: with 4 cells old cells drop; 0 heads is the LSTM-only baseline; a tiny cell has its norm floored.
     batch, steps, features, units, cell_size = 3, 7, 5, 6, 4
     rng = np.random.default_rng(0)
     inputs = tf.constant(rng.normal(size=[batch, steps, features]), tf.float32)
     state_sizes = [units, units, read_heads * cell_size, memory_cells * cell_size]
-    initial_state = [tf.constant(rng.normal(size=[batch, size]), tf.float32) for size in state_sizes]
+    initial_state = [rng.normal(size=[batch, size]) for size in state_sizes]
+    if tiny_cell:
+        initial_state[3][:, :cell_size] *= 1e-9
+    initial_state = [tf.constant(state, tf.float32) for state in initial_state]
     # A loss that weighs every output and every final state, so that every gradient path counts.
     output_weights = [tf.constant(rng.normal(size=[batch, steps, units]), tf.float32)]
     output_weights += [tf.constant(rng.normal(size=[batch, size]), tf.float32) for size in state_sizes]

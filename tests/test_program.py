@@ -1,20 +1,19 @@
-"""The program end to end: graded output, determinism, saving, and learning on the real data."""
+"""The program end to end, as a process: graded output, determinism, resuming, saving, learning on the real data."""
+import math
 import os
 import re
 import signal
 import subprocess
 import sys
 
-import keras
-import numpy as np
 import pytest
 
 from conftest import ROOT, run_program
-from learning_to_learn import build_model, parser
+from learning_to_learn import metric_names
 from omniglot_dataset import write_atomically
 
 NUMBER = r"\d+\.\d{4}"
-NAMES = ["loss", "acc", "acc1", "acc2", "acc5", "acc10"]
+NAMES = metric_names(images_per_class=10)
 GRADED_LINE = re.compile(
     r"Epoch (\d+)/(\d+) " + " - ".join(f"{name}: {NUMBER}" for name in NAMES + [f"val_{n}" for n in NAMES]))
 
@@ -22,6 +21,8 @@ GRADED_LINE = re.compile(
 def graded_output(omniglot_npz, *flags):
     result = run_program(*flags, data=omniglot_npz)
     assert result.returncode == 0, result.stderr[-3000:]
+    # A quiet start: no Python warnings, no TensorFlow errors or warnings from C++ (E0000 ..., W0000 ...).
+    assert not re.search(r"Warning|^[EW]\d{4} ", result.stderr, re.MULTILINE), result.stderr[-3000:]
     return result.stdout
 
 
@@ -29,6 +30,7 @@ def metrics_of(line):
     return {name: float(value) for name, value in re.findall(r"(\w+): (\d+\.\d+)", line)}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("classes", [2, 5])
 def test_recodex_prints_one_graded_line_per_epoch_identically_twice(omniglot_npz, classes):
     flags = ["--recodex", "--train_episodes=160", "--test_episodes=160", "--epochs=3", f"--classes={classes}"]
@@ -38,11 +40,13 @@ def test_recodex_prints_one_graded_line_per_epoch_identically_twice(omniglot_npz
     for epoch, line in enumerate(lines, start=1):
         match = GRADED_LINE.fullmatch(line)
         assert match and match.groups() == (str(epoch), "3"), line
-        # A few steps in, nothing is learned yet: the metrics stay near chance, as in the assignment.
-        assert abs(metrics_of(line)["val_acc"] - 1 / classes) < 0.15, line
+        metrics = metrics_of(line)
+        assert all(0 <= value <= 1 for name, value in metrics.items() if "loss" not in name), line
+        assert all(0 < metrics[loss] < math.inf for loss in ["loss", "val_loss"]), line
     assert graded_output(omniglot_npz, *flags) == first
 
 
+@pytest.mark.slow
 def test_learns_two_way_episodes_well_above_chance(omniglot_npz):
     lines = graded_output(omniglot_npz, "--recodex", "--classes=2", "--threads=0",
                         "--train_episodes=2000", "--test_episodes=320", "--epochs=2").splitlines()
@@ -53,33 +57,7 @@ def test_learns_two_way_episodes_well_above_chance(omniglot_npz):
     assert last["val_acc1"] > 0.65, lines[-1]
 
 
-def test_saved_model_loads_with_plain_keras_and_predicts_the_same(tmp_path):
-    args = parser.parse_args(["--classes=3", "--images_per_class=2", "--lstm_dim=8", "--cell_size=4",
-                              "--read_heads=2", "--read_sharpness=3", "--cnn_filters=4,6,8", "--learning_rate=0.003"])
-    model = build_model(args)
-    rng = np.random.default_rng(0)
-    inputs = [rng.random([2, 6, 28, 28, 1], dtype=np.float32), np.array([[-1, 0, 1, 2, 0, 1]] * 2, np.int32)]
-    model.save(tmp_path / "model.keras")
-    loaded = keras.models.load_model(tmp_path / "model.keras")
-    np.testing.assert_allclose(loaded.predict(inputs, verbose=0), model.predict(inputs, verbose=0), atol=1e-6)
-    assert [layer.cell.read_sharpness for layer in loaded.layers if hasattr(layer, "cell")] == [3.0]
-    cnn = loaded.get_layer("image_features")
-    assert [layer.filters for layer in cnn.layers if isinstance(layer, keras.layers.Conv2D)] == [4, 6, 8]
-    # 3x3 valid convolutions of stride 2 take 28 pixels to 13, 6 and 2: 2 x 2 x 8 features.
-    assert cnn.output.shape[-1] == 2 * 2 * 8
-    assert float(loaded.optimizer.learning_rate) == pytest.approx(0.003)
-
-
-def test_cosine_decay_takes_the_learning_rate_to_zero_at_the_last_step():
-    # 100 episodes in batches of 16 are 7 steps an epoch: 14 steps in all.
-    args = parser.parse_args(["--learning_rate=0.002", "--learning_rate_decay=cosine", "--train_episodes=100",
-                              "--epochs=2", "--lstm_dim=8", "--cell_size=4"])
-    optimizer = build_model(args).optimizer
-    for step in [0, 3, 7, 14]:
-        optimizer.iterations.assign(step)
-        assert float(optimizer.learning_rate) == pytest.approx(0.002 * (1 + np.cos(np.pi * step / 14)) / 2, abs=1e-9)
-
-
+@pytest.mark.slow
 def test_killed_run_resumes_and_ends_like_an_uninterrupted_one(omniglot_npz, tmp_path):
     # With a decaying learning rate, a resumed run must also go on along the same curve.
     flags = ["--recodex", "--classes=2", "--train_episodes=160", "--test_episodes=160", "--epochs=3",
@@ -121,6 +99,7 @@ def test_atomic_write_keeps_the_old_file_when_a_save_fails(tmp_path):
     assert target.read_text() == "new checkpoint" and os.listdir(tmp_path) == ["checkpoint.weights.h5"]
 
 
+@pytest.mark.slow
 def test_images_per_class_below_ten_reports_no_acc10(omniglot_npz):
     result = run_program("--recodex", "--images_per_class=3", "--train_episodes=16", "--test_episodes=16",
                          "--epochs=1", data=omniglot_npz)

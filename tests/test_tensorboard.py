@@ -3,10 +3,12 @@ import glob
 import os
 
 import numpy as np
+import pytest
 import tensorflow as tf
+from matplotlib.colors import to_hex
 
 from conftest import run_program
-from learning_to_learn import DIGITS, GREEN, RED, WHITE, episode_picture
+from learning_to_learn import episode_figure, figure_pixels
 
 
 def summaries(folder):
@@ -19,6 +21,7 @@ def summaries(folder):
     return found
 
 
+@pytest.mark.slow
 def test_logdir_holds_occurrence_accuracies_and_episode_pictures(omniglot_npz, tmp_path):
     result = run_program("--classes=3", "--train_episodes=96", "--test_episodes=32", "--epochs=2", "--logdir=logs",
                          data=omniglot_npz, cwd=tmp_path)
@@ -32,32 +35,24 @@ def test_logdir_holds_occurrence_accuracies_and_episode_pictures(omniglot_npz, t
     assert [step for step, _ in pictures] == [0, 1]
     width, height, *encoded = pictures[0][1]
     image = tf.io.decode_png(encoded[0]).numpy()
-    # 3 classes x 10 images per episode, one 30-pixel tile each; 3 episodes per picture.
-    assert (int(width), int(height)) == (30 * 30, image.shape[0]) and len(encoded) == 3
-
-
-def glyph(picture, top, left):
-    """The 3x5 font pixels drawn at (top, left), read back at the font's 2x scale, as a DIGITS string."""
-    return "".join("1" if picture[top + 2 * row, left + 2 * column].any() else "0"
-                   for row in range(5) for column in range(3))
+    # 3 episodes a picture, each of 3 classes x 10 images: 0.4 inches at 100 dots an inch an image.
+    assert (int(width), int(height)) == (image.shape[1], image.shape[0]) == (30 * 40, 120) and len(encoded) == 3
 
 
 def test_picture_shows_occurrence_label_and_guess_under_each_image():
     images = np.zeros([3, 28, 28, 1], np.float32)
     images[1] = 1.0
     labels, guesses = np.array([1, 0, 1]), np.array([2, 0, 1])
-    picture = episode_picture(images, labels, guesses)
-    assert picture.shape == (1 + 28 + 3 * 12 + 2, 3 * 30, 3)
-    assert np.all(picture[1:29, 31:59] == 1.0)  # the second image, white ink
+    figure = episode_figure(images, labels, guesses, classes=3)
 
-    text_top = 28 + 4
-    # Step 3: class 1 for the 2nd time, label 1, guessed 1 (green).
-    assert glyph(picture, text_top, 61) == DIGITS[2]
-    assert glyph(picture, text_top + 12, 61) == DIGITS[1]
-    assert glyph(picture, text_top + 24, 61) == DIGITS[1]
-    assert np.allclose(picture[text_top + 24, 61 + 2], GREEN)
-    # Step 1: label 1 guessed 2: the guess is red, and the image is framed in red; step 2 is not.
-    assert glyph(picture, text_top + 24, 1) == DIGITS[2]
-    assert np.allclose(picture[text_top + 24, 1 + 2], RED)
-    assert np.allclose(picture[0, 0], RED) and np.all(picture[0, 30] == 0)
-    assert np.allclose(picture[text_top + 12, 1 + 2], WHITE)
+    shown = [[(text.get_text(), to_hex(text.get_color())) for text in axes.texts] for axes in figure.axes]
+    grey, black, green, red = to_hex("grey"), to_hex("black"), to_hex("green"), to_hex("red")
+    assert shown == [[("1", grey), ("1", black), ("2", red)],  # class 1 for the 1st time, guessed 2
+                     [("1", grey), ("0", black), ("0", green)],
+                     [("2", grey), ("1", black), ("1", green)]]  # class 1 for the 2nd time, guessed right
+    framed = [{to_hex(spine.get_edgecolor()) for spine in axes.spines.values()} for axes in figure.axes]
+    assert framed[0] == {red} and red not in framed[1] | framed[2], "only the wrong guess is framed in red"
+    np.testing.assert_array_equal(figure.axes[1].images[0].get_array(), images[1, ..., 0])
+
+    pixels = figure_pixels(figure)
+    assert pixels.dtype == np.uint8 and pixels.ndim == 3 and pixels.shape[2] == 3

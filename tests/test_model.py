@@ -1,0 +1,80 @@
+"""The whole model: what enters the recurrence, the fused recurrence against plain keras.layers.RNN, saving."""
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from learning_to_learn import MemoryAugmentedRNN, build_model, parse_args
+
+TINY = ["--classes=3", "--images_per_class=2", "--lstm_dim=8", "--cell_size=4"]
+
+
+def episode_inputs(episodes, rng):
+    images = rng.random([episodes, 6, 28, 28, 1], dtype=np.float32)
+    previous = np.array([[-1, 2, 0, 1, 2, 0], [-1, 0, 0, 1, 1, 2]][:episodes], np.int32)
+    return images, previous
+
+
+def recurrence_of(model):
+    return next(layer for layer in model.layers if isinstance(layer, keras.layers.RNN))
+
+
+def test_the_recurrence_sees_each_images_features_then_the_one_hot_previous_label():
+    model = build_model(parse_args(TINY))
+    images, previous = episode_inputs(2, np.random.default_rng(0))
+    entering = keras.Model(model.inputs, recurrence_of(model).input).predict([images, previous], verbose=0)
+
+    one_hot = np.zeros([2, 6, 3], np.float32)  # label -1, before the first step, is all zeros
+    for episode, step in np.ndindex(2, 6):
+        if previous[episode, step] >= 0:
+            one_hot[episode, step, previous[episode, step]] = 1
+    assert entering.shape == (2, 6, 2 * 2 * 32 + 3)
+    np.testing.assert_array_equal(entering[..., -3:], one_hot)
+    cnn = model.get_layer("image_features")
+    np.testing.assert_allclose(entering[..., :-3], cnn.predict(images.reshape(12, 28, 28, 1), verbose=0)
+                               .reshape(2, 6, -1), atol=1e-5)
+
+
+def test_fused_and_plain_recurrence_give_the_same_predictions_and_gradients():
+    args = parse_args([*TINY, "--read_heads=2", "--read_sharpness=3"])
+    fused, plain = build_model(args), build_model(args, fused=False)
+    assert type(recurrence_of(fused)) is MemoryAugmentedRNN and type(recurrence_of(plain)) is keras.layers.RNN
+    plain.set_weights(fused.get_weights())
+    images, previous = episode_inputs(2, np.random.default_rng(1))
+    labels = np.array([[2, 0, 1, 2, 0, 1], [0, 0, 1, 1, 2, 2]])
+
+    def predictions_and_gradients(model):
+        with tf.GradientTape() as tape:
+            predictions = model([images, previous], training=True)
+            loss = keras.losses.sparse_categorical_crossentropy(labels, predictions)
+        return [predictions, *tape.gradient(loss, model.trainable_variables)]
+
+    expected, actual = predictions_and_gradients(plain), predictions_and_gradients(fused)
+    assert len(actual) == 1 + len(fused.trainable_variables)
+    for value, reference in zip(actual, expected, strict=True):
+        np.testing.assert_allclose(value, reference, rtol=1e-4, atol=1e-6)
+
+
+def test_saved_model_loads_with_plain_keras_and_predicts_the_same(tmp_path):
+    args = parse_args([*TINY, "--read_heads=2", "--read_sharpness=3", "--cnn_filters=4,6,8", "--learning_rate=0.003"])
+    model = build_model(args)
+    inputs = episode_inputs(2, np.random.default_rng(0))
+    model.save(tmp_path / "model.keras")
+    loaded = keras.models.load_model(tmp_path / "model.keras")
+    np.testing.assert_allclose(loaded.predict(inputs, verbose=0), model.predict(inputs, verbose=0), atol=1e-6)
+    assert [layer.cell.read_sharpness for layer in loaded.layers if hasattr(layer, "cell")] == [3.0]
+    cnn = loaded.get_layer("image_features")
+    assert [layer.filters for layer in cnn.layers if isinstance(layer, keras.layers.Conv2D)] == [4, 6, 8]
+    # 3x3 valid convolutions of stride 2 take 28 pixels to 13, 6 and 2: 2 x 2 x 8 features.
+    assert cnn.output.shape[-1] == 2 * 2 * 8
+    assert float(loaded.optimizer.learning_rate) == pytest.approx(0.003)
+
+
+def test_cosine_decay_takes_the_learning_rate_to_zero_at_the_last_step():
+    # 100 episodes in batches of 16 are 7 steps an epoch: 14 steps in all.
+    args = parse_args(["--learning_rate=0.002", "--learning_rate_decay=cosine", "--train_episodes=100",
+                       "--epochs=2", "--lstm_dim=8", "--cell_size=4"])
+    optimizer = build_model(args).optimizer
+    for step in [0, 3, 7, 14]:
+        optimizer.iterations.assign(step)
+        assert float(optimizer.learning_rate) == pytest.approx(0.002 * (1 + np.cos(np.pi * step / 14)) / 2, abs=1e-9)

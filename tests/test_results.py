@@ -1,0 +1,38 @@
+"""benchmarks/results.py: the tables of both READMEs are written from the record of runs, benchmarks/runs.csv."""
+import importlib.util
+import os
+
+from conftest import ROOT
+
+spec = importlib.util.spec_from_file_location("results", os.path.join(ROOT, "benchmarks", "results.py"))
+results = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(results)
+
+
+def test_the_readmes_tables_agree_with_the_record():
+    assert results.check() == [], "run python3 benchmarks/results.py write"
+
+
+def test_a_changed_figure_in_the_record_changes_the_tables():
+    record = results.read_record()
+    record["best-5way"] = {**record["best-5way"], "val_acc2": "0.1234", "wall": "99:59"}
+    readme = open(os.path.join(ROOT, "README.md")).read()
+    changed = results.with_tables(readme, record)
+    assert "0.1234" not in readme and changed.count("0.1234") == 2, "the headline and the results table"
+    assert changed.count("99:59") == 2
+
+
+def test_every_recorded_run_is_one_of_RUNS_with_every_metric():
+    record = results.read_record()
+    assert list(record) == list(results.RUNS)
+    for run in record.values():
+        assert all(0 <= float(run[name]) <= 1 for name in results.METRICS if name != "val_loss"), run
+
+
+def test_the_last_epoch_of_a_log_is_read(tmp_path):
+    names = results.METRICS
+    log = tmp_path / "run.log"
+    log.write_text("".join(f"Epoch {epoch}/2 " + " - ".join(f"{name}: 0.{epoch}{index:03d}" for index, name
+                                                         in enumerate(names)) + "\n" for epoch in [1, 2]))
+    metrics, epochs = results.last_epoch(log)
+    assert epochs == 2 and metrics == {name: f"0.2{index:03d}" for index, name in enumerate(names)}
