@@ -19,10 +19,14 @@ memory cell, the model, training, `main`. The fused recurrence at the end
 runs the same cell faster, with a hand-written backward pass.
 """
 import argparse
+import fcntl
 import importlib.util
+import json
 import math
 import os
+import signal
 import sys
+import zipfile
 from typing import NamedTuple
 
 # TensorFlow's C++ start-up notices would bury the epoch lines; 3 also hides the cuInit error of a machine
@@ -34,7 +38,7 @@ import numpy as np
 import tensorflow as tf
 from keras import ops
 
-from omniglot_dataset import DataError, Omniglot, write_atomically
+from omniglot_dataset import DataError, Omniglot, unwritable, write_atomically
 
 # Flags
 
@@ -94,6 +98,10 @@ output.add_argument("--evaluate", default=None, metavar="PATH",
 # The smallest value of each count; an episode needs two classes to tell apart.
 MINIMUM = {"classes": 2, "images_per_class": 1, "train_episodes": 1, "test_episodes": 1, "shift": 0, "lstm_dim": 1,
            "cell_size": 1, "read_heads": 0, "batch_size": 1, "epochs": 1, "seed": 0, "threads": 0}
+# What --evaluate ignores: the model file has its own architecture, and nothing is trained or written.
+TRAINING_ONLY = ["train_episodes", "rotations", "shift", "cnn_filters", "lstm_dim", "cell_size", "read_heads",
+                 "read_sharpness", "learning_rate", "learning_rate_decay", "epochs", "checkpoint_dir", "logdir",
+                 "save_model"]
 
 
 def parse_args(argv=None):
@@ -114,6 +122,10 @@ def parse_args(argv=None):
     for flag in ["read_sharpness", "learning_rate"]:
         if not 0 < getattr(args, flag) < math.inf:  # nan too
             refuse(flag, f"{getattr(args, flag):g}", "must be a finite number above 0")
+    if args.evaluate and (ignored := [f"--{flag}" for flag in TRAINING_ONLY
+                                      if getattr(args, flag) != parser.get_default(flag)]):
+        parser.error(f"argument --evaluate: it only evaluates the saved model, so {', '.join(ignored)} "
+                     "would be ignored: leave them out")
     filters = args.cnn_filters.split(",")
     if len(filters) != 3 or not all(count.strip().isdigit() and int(count) > 0 for count in filters):
         parser.error(f"argument --cnn_filters: invalid value {args.cnn_filters!r}: "
@@ -130,10 +142,33 @@ def parse_args(argv=None):
         folder = getattr(args, flag)
         if folder and os.path.exists(folder) and not os.path.isdir(folder):
             refuse_path(flag, "it exists and is not a folder")
+    # Tried now, not found out after an hour of training.
+    for flag, folder in [("save_model", os.path.dirname(os.path.abspath(args.save_model or "."))),
+                         ("checkpoint_dir", args.checkpoint_dir), ("logdir", args.logdir)]:
+        if getattr(args, flag) and (problem := unwritable(folder)):
+            refuse_path(flag, problem)
     for package in ["tensorboard", "matplotlib"]:  # the logs and the episode pictures
         if args.logdir and importlib.util.find_spec(package) is None:
             parser.error(f"argument --logdir: needs the {package} package: pip install {package}")
+
+    needed, available = memory_states_gib(args), physical_memory_gib()
+    if needed > available:
+        parser.error(f"arguments --classes, --images_per_class, --batch_size, --cell_size: the memory states of a "
+                     f"batch need about {needed:.1f} GiB, more than this machine's {available:.1f} GiB")
     return args
+
+
+def memory_states_gib(args):
+    """About what training keeps of the external memory for one batch: each step's, forward and backward."""
+    cells = episode_length(args.classes, args.images_per_class)
+    return 3 * cells * args.batch_size * cells * args.cell_size * 4 / 2**30  # steps = cells, float32
+
+
+def physical_memory_gib():
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    except (ValueError, OSError):  # not known here: nothing to check against
+        return math.inf
 
 
 # Episodes
@@ -195,11 +230,11 @@ def with_rotations(dataset):
 
     Santoro et al. do the same: four times the characters to learn from, at no cost in data.
     """
-    images, labels = dataset.data["images"], dataset.data["labels"]
-    characters = labels.max() + 1
+    images = dataset.data["images"]
+    characters, labels = np.unique(dataset.data["labels"], return_inverse=True)  # 0, 1, ...: no rotation collides
     return argparse.Namespace(data={
         "images": np.concatenate([np.rot90(images, quarter, axes=(1, 2)) for quarter in range(4)]),
-        "labels": np.concatenate([labels + quarter * characters for quarter in range(4)]),
+        "labels": np.concatenate([labels + quarter * len(characters) for quarter in range(4)]),
     })
 
 
@@ -551,34 +586,133 @@ class EpisodePictures(keras.callbacks.Callback):
         self.writer.flush()
 
 
-class EpochCheckpoint(keras.callbacks.Callback):
-    """Saves the weights and the optimizer state after every epoch into one file, atomically.
+class RunEnded(Exception):
+    """Training ended before its end: a write failed, the loss diverged, or the user interrupted it."""
 
-    `keras.callbacks.BackupAndRestore` writes the weights in place and the epoch
-    into a second file, so a kill during a save can leave them torn. Here the
-    epoch is derived from the file itself: the optimizer's step count over the
-    steps of an epoch.
+    def __init__(self, message, status=1):
+        super().__init__(message)
+        self.status = status
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised where the program is, as Ctrl-C raises KeyboardInterrupt."""
+
+
+def terminate(signal_number, frame):
+    raise Terminated
+
+
+class StopOnDivergence(keras.callbacks.Callback):
+    """Ends training at the first batch whose loss is not finite or above -ln(epsilon) = 16.1, the loss of
+    answering every step with certainty and wrongly: such a model will not come back.
+
+    `keras.callbacks.TerminateOnNaN` catches NaN and infinity only, and a loss computed from the softmax's
+    logits, as Keras does, diverges to large finite values too (1e10 at --learning_rate=1e9).
     """
 
-    def __init__(self, directory, steps_per_epoch):
+    def on_epoch_begin(self, epoch, logs=None):
+        self.epoch = epoch
+
+    def on_train_batch_end(self, batch, logs=None):
+        loss = float(logs["loss"])
+        if not loss <= -math.log(EPSILON):
+            raise RunEnded(f"training diverged in epoch {self.epoch + 1}: the loss was {loss:.4g} after batch "
+                           f"{batch + 1}; a smaller --learning_rate is the likely cure")
+
+
+# Flags that change nothing a run computes: they may differ when a run resumes.
+NOT_OF_THE_RUN = ["checkpoint_dir", "logdir", "save_model", "threads", "evaluate"]
+
+
+def run_flags(args):
+    """The flags that make a run what it is: those of its model, its episodes and its training."""
+    return {flag: value for flag, value in vars(args).items() if flag not in NOT_OF_THE_RUN}
+
+
+def differing_flags(saved, current):
+    """The flags in which two runs differ, in words."""
+    def text(value):
+        return ",".join(map(str, value)) if isinstance(value, list) else str(value)
+
+    # Without a decaying learning rate, nothing depends on --epochs: more epochs continue the same run.
+    ignored = ["epochs"] if saved.get("learning_rate_decay") == current["learning_rate_decay"] == "none" else []
+    return [f"--{flag} {text(saved.get(flag))} in the checkpoint, {text(value)} now"
+            for flag, value in current.items() if flag not in ignored and saved.get(flag) != value]
+
+
+class EpochCheckpoint(keras.callbacks.Callback):
+    """After every epoch, saves the weights, the optimizer state, the run's flags and the number of epochs
+    done into one npz file, replaced atomically: a kill leaves the last epoch's file or the one before.
+
+    `keras.callbacks.BackupAndRestore` keeps the epoch in a second file, which a kill can tear from the
+    weights, and knows no flags. The file is written by numpy rather than h5py, which can crash the
+    process when the disk fills. A lock, held while the run trains, keeps a second run out of the folder.
+    """
+
+    def __init__(self, directory, run):
         super().__init__()
-        self.path = os.path.join(directory, "checkpoint.weights.h5")
-        self.steps_per_epoch = steps_per_epoch
+        self.directory, self.run = directory, run
+        self.path = os.path.join(directory, "checkpoint.npz")
+        self.epochs_done, self.saved = 0, None
+
+    def claim(self):
+        """Locks the folder for this process and checks that a checkpoint in it is one of this run."""
+        os.makedirs(self.directory, exist_ok=True)
+        self.lock = open(os.path.join(self.directory, "lock"), "w")  # the kernel releases it when we die
+        try:
+            fcntl.flock(self.lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise DataError(f"another run is training into {self.directory}: let it finish, "
+                            "or choose another --checkpoint_dir") from None
+        if not os.path.exists(self.path):
+            return
+        try:
+            if not zipfile.is_zipfile(self.path):
+                raise ValueError("not an npz file")
+            with np.load(self.path, allow_pickle=False) as saved:
+                self.saved = {key: saved[key] for key in saved.files}
+            run = json.loads(str(self.saved.pop("run")))
+        except Exception as error:
+            raise DataError(f"cannot read the checkpoint {self.path} ({error}); "
+                            "choose another --checkpoint_dir to start anew") from None
+        if differences := differing_flags(run, self.run):
+            raise DataError(f"{self.directory} holds a run of other flags ({'; '.join(differences)}): run its "
+                            "original command to continue it, or choose another --checkpoint_dir to start anew")
 
     def restore(self, model):
-        """Loads the last checkpoint into `model`; returns the number of epochs it finished."""
-        if not os.path.exists(self.path):
+        """Loads the claimed checkpoint, if any, into `model`; returns the number of epochs it has done."""
+        if self.saved is None:
             return 0
         model.optimizer.build(model.trainable_variables)
-        try:
-            model.load_weights(self.path)
-        except Exception as error:
-            raise DataError(f"cannot resume from {self.path} ({error}); remove it to train from the start") from None
-        return int(model.optimizer.iterations.numpy()) // self.steps_per_epoch
+        variables = model.weights + model.optimizer.variables
+        arrays = [self.saved.get(f"variable_{index}") for index in range(len(variables))]
+        if len(self.saved) != len(variables) + 1 or any(array is None or array.shape != tuple(variable.shape)
+                                                         for array, variable in zip(arrays, variables, strict=True)):
+            raise DataError(f"the checkpoint {self.path} lacks weights or optimizer state of this model; "
+                            "choose another --checkpoint_dir to start anew")
+        if not all(np.isfinite(array).all() for array in arrays):
+            raise DataError(f"the checkpoint {self.path} holds numbers that are not finite: it is damaged; "
+                            "choose another --checkpoint_dir to start anew")
+        for variable, array in zip(variables, arrays, strict=True):
+            variable.assign(array)
+        self.epochs_done = int(self.saved["epochs"])
+        return self.epochs_done
 
     def on_epoch_end(self, epoch, logs=None):
-        os.makedirs(os.path.dirname(self.path), exist_ok=True)
-        write_atomically(self.path, self.model.save_weights, suffix=".weights.h5")
+        arrays = {f"variable_{index}": variable.numpy()
+                  for index, variable in enumerate(self.model.weights + self.model.optimizer.variables)}
+        try:
+            write_atomically(self.path, lambda path: np.savez(path, run=json.dumps(self.run), epochs=epoch + 1,
+                                                              **arrays), suffix=".npz")
+        except OSError as error:
+            raise RunEnded(f"cannot write the checkpoint {self.path} ({error.strerror})") from None
+        self.epochs_done = epoch + 1
+
+    def kept(self):
+        """What a run that ends now leaves for the next one, in words."""
+        if not self.epochs_done:
+            return f"no epoch was saved in {self.directory}"
+        return f"{self.path} keeps epoch {self.epochs_done}: run the same command to resume"
 
 
 def check_episodes_fit(args, omniglot):
@@ -620,6 +754,9 @@ def main(args, callbacks=()):
 
     omniglot = Omniglot()
     check_episodes_fit(args, omniglot)
+    checkpoint = EpochCheckpoint(args.checkpoint_dir, run_flags(args)) if args.checkpoint_dir else None
+    if checkpoint:
+        checkpoint.claim()
     names = metric_names(args.images_per_class)
     if reported_occurrences(args.images_per_class) != OCCURRENCES:
         print(f"Note: with --images_per_class={args.images_per_class} no class appears "
@@ -635,14 +772,12 @@ def main(args, callbacks=()):
         return logs
 
     model = build_model(args)
-    epoch_steps = steps_per_epoch(args.train_episodes, args.batch_size)
-    callbacks, initial_epoch = list(callbacks), 0
-    if args.checkpoint_dir:
-        checkpoint = EpochCheckpoint(args.checkpoint_dir, epoch_steps)
+    callbacks, initial_epoch = [StopOnDivergence(), *callbacks], 0
+    if checkpoint:
         initial_epoch = checkpoint.restore(model)
         callbacks.append(checkpoint)
         if initial_epoch >= args.epochs:
-            print(f"All {args.epochs} epochs are done in {args.checkpoint_dir}.", file=sys.stderr)
+            print(f"{initial_epoch} epochs are done in {args.checkpoint_dir}: nothing to train.", file=sys.stderr)
     if args.logdir:
         callbacks += [keras.callbacks.TensorBoard(args.logdir), EpisodePictures(args.logdir, next(iter(validation)))]
     if args.recodex:
@@ -651,11 +786,26 @@ def main(args, callbacks=()):
     train = training_batches(with_rotations(omniglot.train) if args.rotations else omniglot.train,
                              args.classes, args.images_per_class, args.batch_size, args.train_episodes,
                              args.seed, epochs=range(initial_epoch, args.epochs), shift=args.shift)
-    # shuffle=False: the episodes are drawn at random already, and a tf.data input cannot be shuffled by fit.
-    history = model.fit(train, epochs=args.epochs, steps_per_epoch=epoch_steps, initial_epoch=initial_epoch,
-                        shuffle=False, validation_data=validation, verbose=verbose, callbacks=callbacks)
-    if args.save_model:
-        write_atomically(args.save_model, model.save, suffix=".keras")
+    try:
+        # shuffle=False: the episodes are drawn at random already, and a tf.data input cannot be shuffled by fit.
+        history = model.fit(train, epochs=args.epochs, steps_per_epoch=steps_per_epoch(args.train_episodes,
+                                                                                        args.batch_size),
+                            initial_epoch=initial_epoch, shuffle=False, validation_data=validation, verbose=verbose,
+                            callbacks=callbacks)
+        if args.save_model:
+            try:
+                write_atomically(args.save_model, model.save, suffix=".keras")
+            except OSError as error:
+                raise RunEnded(f"cannot write the model {args.save_model} ({error.strerror})") from None
+    except KeyboardInterrupt as interruption:
+        if checkpoint and checkpoint.epochs_done:
+            message = f"interrupted after epoch {checkpoint.epochs_done}; run the same command to resume"
+        else:
+            message = f"interrupted; {checkpoint.kept() if checkpoint else 'nothing was saved'}"
+        raise RunEnded(message, 143 if isinstance(interruption, Terminated) else 130) from None
+    except RunEnded as ended:
+        kept = checkpoint.kept() if checkpoint else "nothing was saved"
+        raise RunEnded(f"{ended}; {kept}", ended.status) from None
     return history.history
 
 
@@ -804,7 +954,12 @@ class MemoryAugmentedRNN(keras.layers.RNN):
 
 if __name__ == "__main__":
     args = parse_args()
+    signal.signal(signal.SIGTERM, terminate)
     try:
         main(args)
     except DataError as error:
         parser.exit(2, f"{parser.prog}: error: {error}\n")
+    except RunEnded as ended:
+        parser.exit(ended.status, f"{parser.prog}: {ended}\n")
+    except KeyboardInterrupt as interruption:
+        parser.exit(143 if isinstance(interruption, Terminated) else 130, f"{parser.prog}: interrupted\n")

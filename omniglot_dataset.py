@@ -15,6 +15,7 @@ The data comes from the first of:
    written atomically to the cache of 2.
 """
 import os
+import socket
 import sys
 import tempfile
 import zipfile
@@ -28,6 +29,7 @@ RELEASE_FILES = {
     "test": ("images_evaluation.zip", "6b91aef0f799c5bb55b94e3f2daec811"),
 }
 CACHE_FILE = "omniglot.npz"
+DOWNLOAD_TIMEOUT = 60  # seconds a server may stay silent before a download fails
 
 
 class DataError(Exception):
@@ -44,6 +46,24 @@ def write_atomically(path, save, suffix):
     except BaseException:
         os.remove(temporary)
         raise
+
+
+def unwritable(folder):
+    """Why no file can be written in `folder` (or in the folders that would be made for it), or None if one can.
+
+    Tried by writing a temporary file: permissions, a read-only file system and a file in the way all show.
+    """
+    existing = os.path.abspath(folder)
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        return f"{existing} is a file, not a folder"
+    try:
+        with tempfile.TemporaryFile(dir=existing):
+            pass
+    except OSError as error:
+        return f"cannot write in {existing} ({error.strerror})"
+    return None
 
 
 def cache_dir():
@@ -88,6 +108,8 @@ def _download(fname, md5, base_url):
     origin = base_url.rstrip("/") + "/" + fname
     target = os.path.join(cache_dir(), fname)
     os.makedirs(cache_dir(), exist_ok=True)  # get_file falls back to /tmp for a cache that does not exist yet
+    silence = socket.getdefaulttimeout()
+    socket.setdefaulttimeout(DOWNLOAD_TIMEOUT)  # get_file has no time limit of its own
     try:
         return keras.utils.get_file(fname, origin=origin, file_hash=md5, cache_dir=os.path.dirname(cache_dir()))
     except (Exception, KeyboardInterrupt) as error:
@@ -96,7 +118,11 @@ def _download(fname, md5, base_url):
             os.remove(target)
         if isinstance(error, KeyboardInterrupt):
             raise
+        if isinstance(error, TimeoutError) or "timed out" in str(error):
+            error = f"no answer within {DOWNLOAD_TIMEOUT} s"
         raise DataError(f"cannot download {origin}: {error}; nothing was left in {cache_dir()}") from None
+    finally:
+        socket.setdefaulttimeout(silence)
 
 
 def download_and_convert(path):
@@ -131,6 +157,10 @@ def load_npz(path, fix):
         if labels.shape != images.shape[:1] or not np.issubdtype(labels.dtype, np.integer):
             raise DataError(f"{path}: {split}_labels is {labels.dtype} {labels.shape}, "
                             f"expected integers, one per image ({len(images)}); {fix}")
+        # Checked before they become int32, which would wrap larger ones onto other characters.
+        if len(labels) and (labels.min() < 0 or labels.max() > np.iinfo(np.int32).max):
+            raise DataError(f"{path}: {split}_labels run from {labels.min()} to {labels.max()}, "
+                            f"expected labels 0..{np.iinfo(np.int32).max}; {fix}")
     return arrays
 
 
@@ -157,6 +187,9 @@ class Omniglot:
         else:
             path = os.path.join(cache_dir(), CACHE_FILE)
             if not os.path.exists(path):
+                if problem := unwritable(cache_dir()):
+                    raise DataError(f"cannot cache the data set in {cache_dir()}: {problem}; set KERAS_HOME to "
+                                    "a writable folder, or OMNIGLOT_DATA to a copy of omniglot.npz")
                 download_and_convert(path)
             arrays = load_npz(path, fix="remove it, and the next run downloads the data set again")
         for split in ["train", "test"]:

@@ -86,11 +86,17 @@ def occurrence_cells(values):
     return " | ".join(f"{value:.4g}" if isinstance(value, float) else str(value) for value in values)
 
 
+def flags_cell(name, bases):
+    """The flags of a run, or what it adds to the flags of one of `bases`."""
+    base = max((base for base in bases if RUNS[name][:len(RUNS[base])] == RUNS[base]),
+               key=lambda base: len(RUNS[base]), default=None)
+    if base:
+        return f"{base}'s and `{' '.join(RUNS[name][len(RUNS[base]):])}`"
+    return f"`{' '.join(RUNS[name])}`"
+
+
 def tables(record):
     """{marker: Markdown table} of what README.md and benchmarks/README.md show."""
-    def flags(name):
-        return f"`{' '.join(RUNS[name])}`"
-
     headline = ["| | val_acc | 1st | 2nd | 5th | 10th | training |", "| --- | --- | --- | --- | --- | --- | --- |"]
     for title, name in [("default flags", "default-5way"), ("the best recipe", "best-5way")]:
         run = record[name]
@@ -100,19 +106,20 @@ def tables(record):
     for title in list(ANCHORS)[:2] + list(ANCHORS)[-1:]:
         headline.append(f"| {title} | | {occurrence_cells(ANCHORS[title])} | |")
 
-    def runs_table(names, columns, headers=None):
+    def runs_table(names, columns, headers=None, short=False):
+        """A row a run; a short table names a run's flags as those it adds to a run above it."""
         lines = ["| run | flags | seed | epochs | wall | machine | date | " + " | ".join(headers or columns) + " |",
                  "| --- " * (7 + len(columns)) + "|"]
-        for name in names:
-            run = record[name]
-            lines.append(f"| {name} | {flags(name)} | {run['seed']} | {run['epochs']} | {run['wall']} | "
-                         f"{run['machine']} | {run['date']} | " + " | ".join(run[column] for column in columns) + " |")
+        for index, name in enumerate(names):
+            run, flags = record[name], flags_cell(name, names[:index] if short else [])
+            lines.append(f"| {name} | {flags} | {run['seed']} | {run['epochs']} | {run['wall']} | {run['machine']} | "
+                         f"{run['date']} | " + " | ".join(run[column] for column in columns) + " |")
         return lines
 
     anchors = ["| anchor (5-way) | 1st | 2nd | 5th | 10th |", "| --- | --- | --- | --- | --- |"]
     anchors += [f"| {title} | {occurrence_cells(values)} |" for title, values in ANCHORS.items()]
     occurrence_columns = [f"val_acc{nth}" for nth in OCCURRENCES]
-    readme = runs_table(README_RUNS, occurrence_columns, headers=["1st", "2nd", "5th", "10th"])
+    readme = runs_table(README_RUNS, occurrence_columns, headers=["1st", "2nd", "5th", "10th"], short=True)
     readme += [f"| {title} | | | | | | | {occurrence_cells(values)} |" for title, values in README_ANCHORS.items()]
     return {"headline": "\n".join(headline), "readme-runs": "\n".join(readme),
             "anchors": "\n".join(anchors), "all-runs": "\n".join(runs_table(RUNS, METRICS))}

@@ -73,7 +73,9 @@ def assert_refused(result, message):
      "argument --images_per_class: invalid value 21: some characters of the train split have only 20 drawings"),
 ])
 def test_episodes_a_split_cannot_fill_are_refused_before_training(flag, message, omniglot_npz, tmp_path):
-    result = run_program(flag, "--save_model=model.keras", "--checkpoint_dir=checkpoints",
+    # Small batches of one drawing a class: memory states that any machine holds.
+    result = run_program(flag, "--images_per_class=1" if "classes" in flag else "--classes=2", "--batch_size=1",
+                         "--save_model=model.keras", "--checkpoint_dir=checkpoints",
                          data=omniglot_npz, cwd=tmp_path)
     assert_refused(result, message)
     assert os.listdir(tmp_path) == [], "a refused run wrote files"
@@ -111,6 +113,9 @@ BAD_FILES = {
     "images of the wrong type": lambda path, npz: npz_with(path, npz, test_images=np.zeros([4, 28, 28, 1]),
                                                           test_labels=np.zeros([4], np.int32)),
     "labels not matching the images": lambda path, npz: npz_with(path, npz, train_labels=np.zeros([7], np.int32)),
+    # int32 would wrap 2**31 onto -2**31; negative labels would make rotated characters collide.
+    "labels too large for int32": lambda path, npz: npz_with(path, npz, train_labels=np.arange(19280) + 2**31 - 1),
+    "negative labels": lambda path, npz: npz_with(path, npz, test_labels=np.arange(13180) - 1),
 }
 PROBLEMS = {
     "missing": "cannot read", "empty": "cannot read", "not an npz": "cannot read", "truncated": "cannot read",
@@ -118,6 +123,8 @@ PROBLEMS = {
     "images of the wrong shape": "train_images is uint8 (4, 28, 28), expected uint8 [N, 28, 28, 1]",
     "images of the wrong type": "test_images is float64 (4, 28, 28, 1), expected uint8 [N, 28, 28, 1]",
     "labels not matching the images": "train_labels is int32 (7,), expected integers, one per image (19280)",
+    "labels too large for int32": "train_labels run from 2147483647 to 2147502926, expected labels 0..2147483647",
+    "negative labels": "test_labels run from -1 to 13178, expected labels 0..2147483647",
 }
 
 

@@ -152,6 +152,13 @@ def test_rotations_make_every_quarter_turn_a_new_character():
     assert len(np.unique(rotated["labels"][indices])) == 8, "every rotation is drawn as a character of its own"
 
 
+def test_rotations_never_collide_whatever_the_labels():
+    labels = np.array([-5, 3, 3, 40], np.int64)  # three characters, labelled neither from 0 nor contiguously
+    rotated = with_rotations(argparse.Namespace(data={"images": np.zeros([4, 28, 28, 1], np.float32),
+                                                      "labels": labels})).data["labels"]
+    np.testing.assert_array_equal(rotated, [0, 1, 1, 2, 3, 4, 4, 5, 6, 7, 7, 8, 9, 10, 10, 11])
+
+
 def test_shifted_moves_each_image_its_own_way_with_blank_paper_behind():
     image = np.zeros([28, 28, 1], np.float32)
     image[10, 20] = 1

@@ -4,6 +4,7 @@ import hashlib
 import http.server
 import os
 import shutil
+import socket
 import threading
 import zipfile
 
@@ -160,3 +161,17 @@ def test_download_cut_off_halfway_leaves_nothing(offline_cache, monkeypatch):
         server.shutdown()
         server.server_close()
     assert os.listdir(offline_cache) == []
+
+
+def test_a_server_that_never_answers_is_given_up_on(offline_cache, monkeypatch):
+    silent = socket.create_server(("127.0.0.1", 0))  # accepts connections, never answers
+    monkeypatch.setattr(omniglot_dataset, "DOWNLOAD_TIMEOUT", 1)
+    try:
+        monkeypatch.setenv("OMNIGLOT_URL", f"http://127.0.0.1:{silent.getsockname()[1]}")
+        with pytest.raises(DataError, match=r"cannot download http://127\.0\.0\.1:\d+/images_background\.zip: "
+                                            r"no answer within 1 s; nothing was left in "):
+            Omniglot()
+    finally:
+        silent.close()
+    assert os.listdir(offline_cache) == []
+    assert socket.getdefaulttimeout() is None, "the time limit is the download's alone"

@@ -1,0 +1,281 @@
+"""A long run is never lost or silently wrong: the checkpoint knows its run, every write place is tried before
+training, divergence and interruptions end it with one line, and what was saved stays intact.
+
+Read-only and full file systems are tmpfs mounts, tried only where the tests run as root.
+"""
+import contextlib
+import errno
+import os
+import signal
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from conftest import ROOT, run_program
+from learning_to_learn import (
+    EpochCheckpoint,
+    RunEnded,
+    StopOnDivergence,
+    build_model,
+    differing_flags,
+    parse_args,
+    parser,
+    run_flags,
+)
+from omniglot_dataset import DataError
+
+TINY = ["--classes=2", "--images_per_class=2", "--lstm_dim=4", "--cell_size=2", "--train_episodes=32"]
+SMALL_RUN = ["--recodex", "--classes=2", "--train_episodes=64", "--test_episodes=16", "--lstm_dim=32"]
+
+
+@contextlib.contextmanager
+def tmpfs(path, options):
+    """A tmpfs mounted at `path` for the block; the test is skipped where mounting needs the root it lacks."""
+    if os.geteuid() != 0:
+        pytest.skip("mounting a tmpfs needs root")
+    os.makedirs(path, exist_ok=True)
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(path)], capture_output=True).returncode:
+        pytest.skip("this machine cannot mount a tmpfs")
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", str(path)], check=True)
+
+
+def refusal(argv, capsys):
+    with pytest.raises(SystemExit) as exit:
+        parse_args(argv)
+    assert exit.value.code == 2
+    prefix = f"{parser.prog}: error: "
+    message = capsys.readouterr().err.splitlines()[-1]
+    assert message.startswith(prefix), message
+    return message[len(prefix):]
+
+
+def checkpointed_model(args, directory):
+    """A model of `args` and its EpochCheckpoint in `directory`, claimed and restored as main does."""
+    model = build_model(args)
+    checkpoint = EpochCheckpoint(str(directory), run_flags(args))
+    checkpoint.claim()
+    checkpoint.set_model(model)
+    return model, checkpoint
+
+
+def release(checkpoint):
+    checkpoint.lock.close()
+
+
+# The checkpoint knows its run.
+
+def test_a_checkpoint_restores_weights_optimizer_state_and_epochs(tmp_path):
+    args = parse_args(TINY)
+    model, checkpoint = checkpointed_model(args, tmp_path)
+    model.optimizer.build(model.trainable_variables)
+    rng = np.random.default_rng(0)
+    for variable in model.weights + model.optimizer.variables:
+        variable.assign(rng.normal(size=variable.shape).astype(variable.dtype))
+    checkpoint.on_epoch_end(2)
+    assert sorted(os.listdir(tmp_path)) == ["checkpoint.npz", "lock"]
+    release(checkpoint)
+
+    resumed, checkpoint = checkpointed_model(args, tmp_path)
+    assert checkpoint.restore(resumed) == 3
+    for saved, restored in zip(model.weights + model.optimizer.variables,
+                               resumed.weights + resumed.optimizer.variables, strict=True):
+        np.testing.assert_array_equal(restored, saved)
+
+
+@pytest.mark.parametrize("changed", ["--learning_rate=0.01", "--train_episodes=20", "--batch_size=8",
+                                     "--lstm_dim=8", "--classes=3", "--learning_rate_decay=cosine"])
+def test_a_checkpoint_of_other_flags_is_refused_naming_each_flag(changed, tmp_path):
+    _, checkpoint = checkpointed_model(parse_args(TINY), tmp_path)
+    checkpoint.on_epoch_end(0)
+    release(checkpoint)
+    flag, value = changed[2:].split("=")
+    with pytest.raises(DataError) as refused:
+        checkpointed_model(parse_args([*TINY, changed]), tmp_path)
+    assert f"--{flag} {parse_args(TINY).__dict__[flag]} in the checkpoint, {value} now" in str(refused.value)
+    assert str(refused.value).endswith("run its original command to continue it, "
+                                       "or choose another --checkpoint_dir to start anew")
+    assert "remove" not in str(refused.value) and "delete" not in str(refused.value)
+
+
+def test_flags_that_do_not_change_the_run_may_differ():
+    first = run_flags(parse_args([*TINY, "--threads=1"]))
+    assert differing_flags(first, run_flags(parse_args([*TINY, "--threads=2", "--logdir=x", "--save_model=m.keras",
+                                                        "--epochs=30"]))) == []
+    # With a decaying learning rate the number of epochs shapes every step's rate.
+    cosine = run_flags(parse_args([*TINY, "--learning_rate_decay=cosine"]))
+    assert differing_flags(cosine, run_flags(parse_args([*TINY, "--learning_rate_decay=cosine", "--epochs=30"]))) == [
+        "--epochs 20 in the checkpoint, 30 now"]
+
+
+def test_a_second_run_into_a_folder_in_use_is_refused(tmp_path):
+    _, checkpoint = checkpointed_model(parse_args(TINY), tmp_path)
+    with pytest.raises(DataError, match="another run is training into .*: let it finish, or choose another"):
+        checkpointed_model(parse_args(TINY), tmp_path)
+    release(checkpoint)  # as the kernel does for a run that ends or is killed
+    checkpointed_model(parse_args(TINY), tmp_path)
+
+
+@pytest.mark.parametrize("damage, message", [
+    ("garbage", "cannot read the checkpoint .* \\(not an npz file\\); choose another --checkpoint_dir"),
+    ("flipped byte", "cannot read the checkpoint .*CRC.*; choose another --checkpoint_dir"),
+    ("no optimizer state", "lacks weights or optimizer state of this model; choose another --checkpoint_dir"),
+    ("not finite", "holds numbers that are not finite: it is damaged; choose another --checkpoint_dir"),
+])
+def test_a_checkpoint_that_cannot_be_used_is_refused(damage, message, tmp_path):
+    args = parse_args(TINY)
+    model, checkpoint = checkpointed_model(args, tmp_path)
+    model.optimizer.build(model.trainable_variables)
+    checkpoint.on_epoch_end(0)
+    release(checkpoint)
+    path = tmp_path / "checkpoint.npz"
+    arrays = dict(np.load(path))
+    if damage == "garbage":
+        path.write_text("not a checkpoint")
+    elif damage == "flipped byte":
+        data = bytearray(path.read_bytes())
+        data[len(data) // 2] ^= 0xFF
+        path.write_bytes(data)
+    elif damage == "no optimizer state":
+        weights = len(model.weights)
+        np.savez(path, **{key: value for key, value in arrays.items()
+                          if not key.startswith("variable_") or int(key[9:]) < weights})
+    else:
+        arrays["variable_0"] = arrays["variable_0"] * np.nan
+        np.savez(path, **arrays)
+    with pytest.raises(DataError, match=message):
+        resumed, checkpoint = checkpointed_model(args, tmp_path)
+        checkpoint.restore(resumed)
+
+
+# Every write place is tried before training.
+
+@pytest.mark.parametrize("flag", ["--save_model=README.md/model.keras", "--checkpoint_dir=README.md/checkpoints",
+                                  "--logdir=README.md/logs"])
+def test_a_write_place_under_a_file_is_refused(flag, capsys, monkeypatch):
+    monkeypatch.chdir(ROOT)
+    name, path = flag[2:].split("=")
+    expected = "its folder does not exist" if name == "save_model" else f"{ROOT}/README.md is a file, not a folder"
+    assert refusal([flag], capsys) == f"argument --{name}: invalid path {path!r}: " \
+                                      f"{expected}"
+
+
+@pytest.mark.parametrize("flag", ["--save_model={}/model.keras", "--checkpoint_dir={}/checkpoints",
+                                  "--logdir={}/logs"])
+def test_a_read_only_write_place_is_refused(flag, capsys, tmp_path):
+    with tmpfs(tmp_path / "read-only", "ro,size=1m") as folder:
+        name, path = flag.format(folder)[2:].split("=")
+        assert refusal([f"--{name}={path}"], capsys) == (
+            f"argument --{name}: invalid path {path!r}: "
+            f"cannot write in {folder} (Read-only file system)")
+
+
+def test_an_unwritable_data_cache_is_refused_before_downloading(tmp_path, monkeypatch):
+    (tmp_path / "file").write_text("")
+    monkeypatch.delenv("OMNIGLOT_DATA", raising=False)
+    monkeypatch.setenv("KERAS_HOME", str(tmp_path / "file" / "keras"))
+    monkeypatch.setenv("OMNIGLOT_URL", "http://127.0.0.1:9/")
+    from omniglot_dataset import Omniglot
+    with pytest.raises(DataError, match="cannot cache the data set in .*file/keras/datasets: .* is a file, not a "
+                                        "folder; set KERAS_HOME to a writable folder, or OMNIGLOT_DATA"):
+        Omniglot()
+
+
+def test_a_full_disk_at_a_checkpoint_keeps_the_last_one_and_leaves_no_temporary_file(tmp_path, monkeypatch):
+    model, checkpoint = checkpointed_model(parse_args(TINY), tmp_path)
+    model.optimizer.build(model.trainable_variables)
+    checkpoint.on_epoch_end(0)
+    saved = (tmp_path / "checkpoint.npz").read_bytes()
+
+    def full_disk(path, **arrays):
+        open(path, "wb").write(b"half a checkp")
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(np, "savez", full_disk)
+    with pytest.raises(RunEnded, match=r"cannot write the checkpoint .*checkpoint\.npz \(No space left on device\)"):
+        checkpoint.on_epoch_end(1)
+    assert (tmp_path / "checkpoint.npz").read_bytes() == saved
+    assert sorted(os.listdir(tmp_path)) == ["checkpoint.npz", "lock"]
+    assert checkpoint.kept() == f"{tmp_path / 'checkpoint.npz'} keeps epoch 1: run the same command to resume"
+
+
+# Divergence stops the run.
+
+@pytest.mark.parametrize("loss", [float("nan"), float("inf"), 1.2e10])
+def test_a_diverging_loss_ends_training_at_once(loss):
+    stop = StopOnDivergence()
+    stop.on_epoch_begin(4)
+    stop.on_train_batch_end(0, {"loss": 1.61})  # near ln(5): training as usual
+    with pytest.raises(RunEnded, match=r"training diverged in epoch 5: the loss was .* after batch 8; a smaller "
+                                       r"--learning_rate is the likely cure"):
+        stop.on_train_batch_end(7, {"loss": loss})
+
+
+# The other ends.
+
+def test_evaluate_refuses_training_flags(capsys, tmp_path):
+    (tmp_path / "m.keras").write_text("")
+    assert refusal([f"--evaluate={tmp_path / 'm.keras'}", "--save_model=m.keras", "--checkpoint_dir=c", "--epochs=3"],
+                   capsys) == ("argument --evaluate: it only evaluates the saved model, so --epochs, "
+                                    "--checkpoint_dir, --save_model would be ignored: leave them out")
+
+
+def test_memory_states_larger_than_the_machine_are_refused(capsys):
+    assert refusal(["--cell_size=10000000"], capsys).startswith(
+        "arguments --classes, --images_per_class, --batch_size, --cell_size: the memory "
+        "states of a batch need about 4470.3 GiB, more than this machine's")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sent, status", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_an_interrupted_run_says_how_to_resume(sent, status, omniglot_npz, tmp_path):
+    command = [sys.executable, os.path.join(ROOT, "learning_to_learn.py"), *SMALL_RUN, "--epochs=4",
+               f"--checkpoint_dir={tmp_path}"]
+    with subprocess.Popen(command, env={**os.environ, "OMNIGLOT_DATA": omniglot_npz}, stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE, text=True) as run:
+        assert run.stdout.readline().startswith("Epoch 1/4 ")
+        run.send_signal(sent)
+        _, errors = run.communicate(timeout=120)
+    assert run.returncode == status and "Traceback" not in errors
+    assert errors.splitlines()[-1] == ("learning_to_learn.py: interrupted after epoch 1; "
+                                       "run the same command to resume")
+
+
+@pytest.mark.slow
+def test_a_diverging_run_ends_with_one_line_and_writes_nothing(omniglot_npz, tmp_path):
+    result = run_program(*SMALL_RUN, "--epochs=2", "--learning_rate=1e9", "--checkpoint_dir=checkpoints",
+                         "--save_model=model.keras", data=omniglot_npz, cwd=tmp_path)
+    assert result.returncode == 1 and "Traceback" not in result.stderr and result.stdout == ""
+    assert result.stderr.splitlines()[-1].startswith("learning_to_learn.py: training diverged in epoch 1: the loss")
+    assert result.stderr.splitlines()[-1].endswith("; no epoch was saved in checkpoints")
+    assert sorted(os.listdir(tmp_path)) == ["checkpoints"] and os.listdir(tmp_path / "checkpoints") == ["lock"]
+
+
+@pytest.mark.slow
+def test_a_disk_that_fills_in_epoch_2_keeps_epoch_1(omniglot_npz, tmp_path):
+    # A checkpoint of this run takes about 460 kB: room for one, not for the next beside it.
+    with tmpfs(tmp_path / "disk", "size=700k") as disk:
+        result = run_program(*SMALL_RUN, "--epochs=3", f"--checkpoint_dir={disk}", data=omniglot_npz)
+        assert result.returncode == 1 and "Traceback" not in result.stderr
+        assert result.stderr.splitlines()[-1] == (
+            f"learning_to_learn.py: cannot write the checkpoint {disk}/checkpoint.npz (No space left on device); "
+            f"{disk}/checkpoint.npz keeps epoch 1: run the same command to resume")
+        assert len(result.stdout.splitlines()) == 1
+        assert sorted(os.listdir(disk)) == ["checkpoint.npz", "lock"]
+        assert int(np.load(disk / "checkpoint.npz")["epochs"]) == 1
+
+
+@pytest.mark.slow
+def test_a_model_that_cannot_be_saved_leaves_the_checkpoint(omniglot_npz, tmp_path):
+    with tmpfs(tmp_path / "disk", "size=100k") as disk:
+        result = run_program(*SMALL_RUN, "--epochs=1", f"--checkpoint_dir={tmp_path / 'checkpoints'}",
+                             f"--save_model={disk}/model.keras", data=omniglot_npz)
+        assert result.returncode == 1 and "Traceback" not in result.stderr
+        assert result.stderr.splitlines()[-1] == (
+            f"learning_to_learn.py: cannot write the model {disk}/model.keras (No space left on device); "
+            f"{tmp_path}/checkpoints/checkpoint.npz keeps epoch 1: run the same command to resume")
+        assert os.listdir(disk) == []
