@@ -19,7 +19,6 @@ memory cell, the model, training, `main`. The fused recurrence at the end
 runs the same cell faster, with a hand-written backward pass.
 """
 import argparse
-import fcntl
 import importlib.util
 import json
 import math
@@ -28,6 +27,11 @@ import signal
 import sys
 import zipfile
 from typing import NamedTuple
+
+try:
+    import fcntl  # the lock of a checkpoint folder
+except ImportError:  # Windows: folders go unlocked
+    fcntl = None
 
 # TensorFlow's C++ start-up notices would bury the epoch lines; 3 also hides the cuInit error of a machine
 # without a GPU. Failures still arrive as Python exceptions. A user's own setting wins.
@@ -660,7 +664,8 @@ class EpochCheckpoint(keras.callbacks.Callback):
         os.makedirs(self.directory, exist_ok=True)
         self.lock = open(os.path.join(self.directory, "lock"), "w")  # the kernel releases it when we die
         try:
-            fcntl.flock(self.lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            if fcntl:
+                fcntl.flock(self.lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             raise DataError(f"another run is training into {self.directory}: let it finish, "
                             "or choose another --checkpoint_dir") from None
@@ -743,6 +748,31 @@ def load_trained_model(path, classes, images_per_class):
     return model
 
 
+def train_and_save(model, args, train, validation, initial_epoch, callbacks, checkpoint):
+    """`model.fit`, then --save_model; a run that ends early says, in a RunEnded, what it leaves."""
+    try:
+        # shuffle=False: the episodes are drawn at random already, and a tf.data input cannot be shuffled by fit.
+        history = model.fit(train, epochs=args.epochs, steps_per_epoch=steps_per_epoch(args.train_episodes,
+                                                                                        args.batch_size),
+                            initial_epoch=initial_epoch, shuffle=False, validation_data=validation,
+                            verbose=0 if args.recodex else "auto", callbacks=callbacks)
+        if args.save_model:
+            try:
+                write_atomically(args.save_model, model.save, suffix=".keras")
+            except OSError as error:
+                raise RunEnded(f"cannot write the model {args.save_model} ({error.strerror})") from None
+    except KeyboardInterrupt as interruption:
+        if checkpoint and checkpoint.epochs_done:
+            message = f"interrupted after epoch {checkpoint.epochs_done}; run the same command to resume"
+        else:
+            message = f"interrupted; {checkpoint.kept() if checkpoint else 'nothing was saved'}"
+        raise RunEnded(message, 143 if isinstance(interruption, Terminated) else 130) from None
+    except RunEnded as ended:
+        kept = checkpoint.kept() if checkpoint else "nothing was saved"
+        raise RunEnded(f"{ended}; {kept}", ended.status) from None
+    return history.history
+
+
 def main(args, callbacks=()):
     """Trains as `args` say (with --evaluate, evaluates) and returns the metrics; `callbacks` join fit's."""
     threads = args.threads if args.threads is not None else int(args.recodex)
@@ -761,13 +791,12 @@ def main(args, callbacks=()):
     if reported_occurrences(args.images_per_class) != OCCURRENCES:
         print(f"Note: with --images_per_class={args.images_per_class} no class appears "
               f"{OCCURRENCES[-1]} times in an episode: only {', '.join(names)} are reported.", file=sys.stderr)
-    verbose = 0 if args.recodex else "auto"
     validation = validation_batches(omniglot.test, args.classes, args.images_per_class, args.batch_size,
                                     args.test_episodes)
 
     if args.evaluate:
         model = load_trained_model(args.evaluate, args.classes, args.images_per_class)
-        logs = model.evaluate(validation, return_dict=True, verbose=verbose)
+        logs = model.evaluate(validation, return_dict=True, verbose=0 if args.recodex else "auto")
         print(f"Test {metrics_line(logs, names)}", flush=True)
         return logs
 
@@ -786,27 +815,7 @@ def main(args, callbacks=()):
     train = training_batches(with_rotations(omniglot.train) if args.rotations else omniglot.train,
                              args.classes, args.images_per_class, args.batch_size, args.train_episodes,
                              args.seed, epochs=range(initial_epoch, args.epochs), shift=args.shift)
-    try:
-        # shuffle=False: the episodes are drawn at random already, and a tf.data input cannot be shuffled by fit.
-        history = model.fit(train, epochs=args.epochs, steps_per_epoch=steps_per_epoch(args.train_episodes,
-                                                                                        args.batch_size),
-                            initial_epoch=initial_epoch, shuffle=False, validation_data=validation, verbose=verbose,
-                            callbacks=callbacks)
-        if args.save_model:
-            try:
-                write_atomically(args.save_model, model.save, suffix=".keras")
-            except OSError as error:
-                raise RunEnded(f"cannot write the model {args.save_model} ({error.strerror})") from None
-    except KeyboardInterrupt as interruption:
-        if checkpoint and checkpoint.epochs_done:
-            message = f"interrupted after epoch {checkpoint.epochs_done}; run the same command to resume"
-        else:
-            message = f"interrupted; {checkpoint.kept() if checkpoint else 'nothing was saved'}"
-        raise RunEnded(message, 143 if isinstance(interruption, Terminated) else 130) from None
-    except RunEnded as ended:
-        kept = checkpoint.kept() if checkpoint else "nothing was saved"
-        raise RunEnded(f"{ended}; {kept}", ended.status) from None
-    return history.history
+    return train_and_save(model, args, train, validation, initial_epoch, callbacks, checkpoint)
 
 
 # The fused recurrence

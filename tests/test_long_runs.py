@@ -23,6 +23,7 @@ from learning_to_learn import (
     parse_args,
     parser,
     run_flags,
+    steps_per_epoch,
 )
 from omniglot_dataset import DataError
 
@@ -152,6 +153,10 @@ def test_a_checkpoint_that_cannot_be_used_is_refused(damage, message, tmp_path):
         checkpoint.restore(resumed)
 
 
+def test_an_epoch_of_episodes_not_filling_the_last_batch_still_counts_that_batch():
+    assert [steps_per_epoch(episodes, 16) for episodes in [1, 16, 20, 32, 33]] == [1, 1, 2, 2, 3]
+
+
 # Every write place is tried before training.
 
 @pytest.mark.parametrize("flag", ["--save_model=README.md/model.keras", "--checkpoint_dir=README.md/checkpoints",
@@ -183,6 +188,8 @@ def test_an_unwritable_data_cache_is_refused_before_downloading(tmp_path, monkey
     with pytest.raises(DataError, match="cannot cache the data set in .*file/keras/datasets: .* is a file, not a "
                                         "folder; set KERAS_HOME to a writable folder, or OMNIGLOT_DATA"):
         Omniglot()
+    # Keras's get_file would fall back to /tmp/.keras for a cache it cannot write: nothing may land there either.
+    assert not os.path.exists("/tmp/.keras/datasets/images_background.zip")
 
 
 def test_a_full_disk_at_a_checkpoint_keeps_the_last_one_and_leaves_no_temporary_file(tmp_path, monkeypatch):
