@@ -78,6 +78,8 @@ model_flags.add_argument("--cell_size", default=40, type=int, metavar="N", help=
 model_flags.add_argument("--read_heads", default=1, type=int, metavar="N", help="Memory reads per step.")
 model_flags.add_argument("--read_sharpness", default=1.0, type=float, metavar="X",
                          help="Multiplies the cosine similarities before the read's softmax (1: the assignment's).")
+model_flags.add_argument("--read_match", default=False, action="store_true",
+                         help="Give each read its best cosine similarity too: how well anything in memory matches.")
 training = parser.add_argument_group("training")
 training.add_argument("--batch_size", default=16, type=int, metavar="N", help="Episodes per batch.")
 training.add_argument("--learning_rate", default=0.001, type=float, metavar="X", help="Adam's learning rate.")
@@ -104,8 +106,8 @@ MINIMUM = {"classes": 2, "images_per_class": 1, "train_episodes": 1, "test_episo
            "cell_size": 1, "read_heads": 0, "batch_size": 1, "epochs": 1, "seed": 0, "threads": 0}
 # What --evaluate ignores: the model file has its own architecture, and nothing is trained or written.
 TRAINING_ONLY = ["train_episodes", "rotations", "shift", "cnn_filters", "lstm_dim", "cell_size", "read_heads",
-                 "read_sharpness", "learning_rate", "learning_rate_decay", "epochs", "checkpoint_dir", "logdir",
-                 "save_model"]
+                 "read_sharpness", "read_match", "learning_rate", "learning_rate_decay", "epochs", "checkpoint_dir",
+                 "logdir", "save_model"]
 
 
 def parse_args(argv=None):
@@ -351,7 +353,7 @@ class CellState(NamedTuple):
     """What the cell carries from one step to the next."""
     h: tf.Tensor  # (batch, units): the controller's output
     c: tf.Tensor  # (batch, units): the controller's cell
-    read_value: tf.Tensor  # (batch, read_heads * cell_size): the last read, every head
+    read_value: tf.Tensor  # (batch, read_size): the last read of every head[, then each head's best match]
     memory: tf.Tensor  # (batch, memory_cells, cell_size): the newest write first
 
 
@@ -376,27 +378,32 @@ class MemoryAugmentedLSTM(keras.layers.Layer):
     e^2 = 7.389 times any other, as cosines lie in [-1, 1]: among 50 cells even a
     perfect match gets at most 13% of the read. A larger factor lets a read
     pick out the one cell that matches.
+
+    A softmax read returns the best-matching cells whether anything matches
+    or not. With `read_match`, each head's read value comes with its largest
+    cosine similarity, so that the controller and the output can tell a
+    character seen before from a new one.
     """
 
-    def __init__(self, units, memory_cells, cell_size, read_heads, read_sharpness=1.0, **kwargs):
+    def __init__(self, units, memory_cells, cell_size, read_heads, read_sharpness=1.0, read_match=False, **kwargs):
         super().__init__(**kwargs)
         self.units, self.memory_cells, self.cell_size, self.read_heads = units, memory_cells, cell_size, read_heads
-        self.read_sharpness = read_sharpness
+        self.read_sharpness, self.read_match = read_sharpness, read_match
+        self.read_size = read_heads * cell_size + (read_heads if read_match else 0)
         # Owns the controller's weights, with Keras's LSTM initializers; `step` spells out its equations.
         self.controller = keras.layers.LSTMCell(units)
         # The write value first, then the read keys.
         self.interface_layer = keras.layers.Dense((read_heads + 1) * cell_size, activation="tanh")
         self.output_layer = keras.layers.Dense(units, activation="tanh")
         # CellState with the memory flat: Keras RNN states must be vectors.
-        self.state_size = [units, units, read_heads * cell_size, memory_cells * cell_size]
+        self.state_size = [units, units, self.read_size, memory_cells * cell_size]
         self.output_size = units
 
     def build(self, input_shape):
         self.input_size = input_shape[-1]
-        read_size = self.read_heads * self.cell_size
-        self.controller.build((None, self.input_size + read_size))
+        self.controller.build((None, self.input_size + self.read_size))
         self.interface_layer.build((None, self.units))
-        self.output_layer.build((None, self.units + read_size))
+        self.output_layer.build((None, self.units + self.read_size))
 
     def project(self, inputs):
         """The part of the controller's gates that comes from the cell's input alone: it does not recur."""
@@ -408,12 +415,15 @@ class MemoryAugmentedLSTM(keras.layers.Layer):
         return recurrent, self.interface_layer.kernel, self.interface_layer.bias
 
     def _read(self, memory, read_keys):
-        """Returns the read value (batch, read_heads * cell_size) and the read weights (batch, read_heads, cells)."""
+        """Returns the read value (batch, read_size) and the read weights (batch, read_heads, cells)."""
         # memory: (batch, memory_cells, cell_size), read_keys: (batch, read_heads, cell_size)
         similarity = ops.einsum("bhc,bmc->bhm", unit_vectors(read_keys)[0], unit_vectors(memory)[0])
         read_weights = ops.softmax(self.read_sharpness * similarity, axis=-1)
         read_value = ops.matmul(read_weights, memory)  # all heads in one product
-        return ops.reshape(read_value, (ops.shape(memory)[0], self.read_heads * self.cell_size)), read_weights
+        read_value = ops.reshape(read_value, (ops.shape(memory)[0], self.read_heads * self.cell_size))
+        if self.read_match:
+            read_value = ops.concatenate([read_value, ops.max(similarity, axis=-1)], axis=-1)
+        return read_value, read_weights
 
     def _write(self, memory, write_value):
         # newest write first; the oldest cell drops
@@ -461,7 +471,7 @@ class MemoryAugmentedLSTM(keras.layers.Layer):
     def get_config(self):
         config = super().get_config()
         config.update(units=self.units, memory_cells=self.memory_cells, cell_size=self.cell_size,
-                      read_heads=self.read_heads, read_sharpness=self.read_sharpness)
+                      read_heads=self.read_heads, read_sharpness=self.read_sharpness, read_match=self.read_match)
         return config
 
 
@@ -500,7 +510,8 @@ def build_model(args, fused=True):
     inputs = ops.concatenate([features, ops.one_hot(labels, args.classes)], axis=-1)  # label -1: all zeros
 
     cell = MemoryAugmentedLSTM(args.lstm_dim, memory_cells=steps, cell_size=args.cell_size,
-                               read_heads=args.read_heads, read_sharpness=args.read_sharpness)
+                               read_heads=args.read_heads, read_sharpness=args.read_sharpness,
+                               read_match=args.read_match)
     recurrence = MemoryAugmentedRNN if fused else keras.layers.RNN
     outputs = recurrence(cell, return_sequences=True)(inputs)
     predictions = keras.layers.Dense(args.classes, activation="softmax")(outputs)
@@ -835,7 +846,7 @@ def unit_vectors_backward(units, inverse_norms, gradient):
 class StepRecord(NamedTuple):
     """One forward step as its backward pass needs it (in a scan, each field gains a leading time axis)."""
     d_h: tf.Tensor  # (batch, units): the gradient of the loss through the step's output
-    d_read_value: tf.Tensor  # (batch, read_heads * cell_size): likewise
+    d_read_value: tf.Tensor  # (batch, read_size): likewise
     c_before: tf.Tensor  # (batch, units)
     c_after: tf.Tensor  # (batch, units)
     memory_before: tf.Tensor  # (batch, memory_cells, cell_size): the memory the step read
@@ -844,7 +855,7 @@ class StepRecord(NamedTuple):
 
 class StepGradients(NamedTuple):
     """Gradients of the loss that one step sends back to the step before it."""
-    h_read_before: tf.Tensor  # (batch, units + read_heads * cell_size): of [h, read value], through the gates
+    h_read_before: tf.Tensor  # (batch, units + read_size): of [h, read value], through the gates
     c_before: tf.Tensor  # (batch, units)
     memory_before: tf.Tensor  # (batch, memory_cells, cell_size)
     gates: tf.Tensor  # (batch, 4 * units): of the step's gates before their activations
@@ -928,7 +939,8 @@ class MemoryAugmentedRNN(keras.layers.RNN):
         batch_size = ops.shape(step.d_h)[0]
         heads_shape = (batch_size, cell.read_heads, cell.cell_size)
         d_h = step.d_h + d_after.h_read_before[:, :cell.units]
-        d_read_value = ops.reshape(step.d_read_value + d_after.h_read_before[:, cell.units:], heads_shape)
+        d_read = step.d_read_value + d_after.h_read_before[:, cell.units:]
+        d_read_value = ops.reshape(d_read[:, :cell.read_heads * cell.cell_size], heads_shape)
         gates, interface, read_weights = step.activations
 
         # The read: read_value = read_weights @ memory, read_weights = softmax(sharpness * unit keys @ unit cells).
@@ -937,6 +949,13 @@ class MemoryAugmentedRNN(keras.layers.RNN):
         d_read_weights = ops.einsum("bhc,bmc->bhm", d_read_value, step.memory_before)
         d_logits = read_weights * (d_read_weights - ops.sum(read_weights * d_read_weights, -1, keepdims=True))
         d_similarity = cell.read_sharpness * d_logits
+        if cell.read_match:
+            # The best match, max over cells of the similarity: its gradient goes to the best cells, shared
+            # equally among ties (empty cells all tie at 0), as TensorFlow differentiates a max.
+            similarity = ops.einsum("bhc,bmc->bhm", unit_keys, unit_cells)
+            best = ops.cast(similarity == ops.max(similarity, axis=-1, keepdims=True), similarity.dtype)
+            d_best = d_read[:, cell.read_heads * cell.cell_size:]  # (batch, read_heads)
+            d_similarity = d_similarity + d_best[..., None] * best / ops.sum(best, axis=-1, keepdims=True)
         d_keys = unit_vectors_backward(unit_keys, key_norms, ops.einsum("bhm,bmc->bhc", d_similarity, unit_cells))
         d_memory = (ops.einsum("bhm,bhc->bmc", read_weights, d_read_value)
                     + unit_vectors_backward(unit_cells, cell_norms,

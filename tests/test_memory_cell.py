@@ -35,14 +35,17 @@ def numpy_step(cell, x, h, c, read_value, memory):
     write_value = interface[:, :cell.cell_size]
     keys = interface[:, cell.cell_size:].reshape(len(x), cell.read_heads, cell.cell_size)
 
-    reads = np.zeros_like(keys)
+    reads, matches = np.zeros_like(keys), np.zeros(keys.shape[:2], np.float32)
     for b in range(len(x)):
         for head in range(cell.read_heads):
             similarity = np.array([cosine(keys[b, head], m) for m in memory[b]])
             weights = np.exp(cell.read_sharpness * similarity)
             weights /= weights.sum()
             reads[b, head] = sum(w * m for w, m in zip(weights, memory[b], strict=True))
+            matches[b, head] = similarity.max()
     read_value = reads.reshape(len(x), -1)
+    if cell.read_match:  # each head's best match after the read values
+        read_value = np.concatenate([read_value, matches], axis=-1)
     memory = np.concatenate([write_value[:, None], memory[:, :-1]], axis=1)
 
     output_kernel, output_bias = [w.numpy() for w in cell.output_layer.weights]
@@ -50,18 +53,18 @@ def numpy_step(cell, x, h, c, read_value, memory):
     return output, h, c, read_value, memory
 
 
-@pytest.mark.parametrize("read_sharpness", [1.0, 4.0])
-def test_rnn_over_cell_matches_numpy_with_several_heads_and_memory_shift(read_sharpness):
+@pytest.mark.parametrize("read_sharpness, read_match", [(1.0, False), (4.0, False), (2.0, True)])
+def test_rnn_over_cell_matches_numpy_with_several_heads_and_memory_shift(read_sharpness, read_match):
     batch, steps, features = 2, 6, 5
     units, memory_cells, cell_size, read_heads = 7, 4, 3, 3  # 6 steps > 4 cells: old cells drop
     rng = np.random.default_rng(0)
     inputs = rng.normal(size=[batch, steps, features]).astype(np.float32)
     h = rng.normal(size=[batch, units]).astype(np.float32)
     c = rng.normal(size=[batch, units]).astype(np.float32)
-    read_value = rng.normal(size=[batch, read_heads * cell_size]).astype(np.float32)
+    read_value = rng.normal(size=[batch, read_heads * (cell_size + read_match)]).astype(np.float32)
     memory = rng.normal(size=[batch, memory_cells, cell_size]).astype(np.float32)
 
-    cell = MemoryAugmentedLSTM(units, memory_cells, cell_size, read_heads, read_sharpness)
+    cell = MemoryAugmentedLSTM(units, memory_cells, cell_size, read_heads, read_sharpness, read_match)
     rnn = keras.layers.RNN(cell, return_sequences=True, return_state=True)
     outputs, *states = rnn(inputs, initial_state=[h, c, read_value, memory.reshape(batch, -1)])
 
@@ -124,25 +127,29 @@ def test_read_weights_cells_by_softmax_of_cosine_similarity():
                                rtol=1e-6)
 
 
-@pytest.mark.parametrize("read_heads, memory_cells, read_sharpness, jit_compile, tiny_cell",
-                         [(1, 7, 1.0, False, False), (3, 4, 5.0, True, False), (0, 7, 1.0, True, False),
-                          (2, 7, 3.0, False, True)])
+@pytest.mark.parametrize("read_heads, memory_cells, read_sharpness, jit_compile, memory, read_match", [
+    (1, 7, 1.0, False, "random", False), (3, 4, 5.0, True, "random", False), (0, 7, 1.0, True, "random", False),
+    (2, 7, 3.0, False, "tiny cell", False), (2, 4, 3.0, False, "random", True), (1, 7, 1.0, True, "tiny cell", True),
+    (2, 7, 5.0, False, "empty", True)])
 def test_fused_layer_matches_the_cell_loop_and_its_automatic_gradients(read_heads, memory_cells, read_sharpness,
-                                                                       jit_compile, tiny_cell):
-    # 7 steps: with 4 cells old cells drop; 0 heads is the LSTM-only baseline; a tiny cell has its norm floored.
+                                                                       jit_compile, memory, read_match):
+    # 7 steps: with 4 cells old cells drop; 0 heads is the LSTM-only baseline; a tiny cell has its norm floored;
+    # in an empty memory every cell ties for the best match.
     batch, steps, features, units, cell_size = 3, 7, 5, 6, 4
     rng = np.random.default_rng(0)
     inputs = tf.constant(rng.normal(size=[batch, steps, features]), tf.float32)
-    state_sizes = [units, units, read_heads * cell_size, memory_cells * cell_size]
+    state_sizes = [units, units, read_heads * (cell_size + read_match), memory_cells * cell_size]
     initial_state = [rng.normal(size=[batch, size]) for size in state_sizes]
-    if tiny_cell:
+    if memory == "tiny cell":
         initial_state[3][:, :cell_size] *= 1e-9
+    if memory == "empty":
+        initial_state[3][:] = 0
     initial_state = [tf.constant(state, tf.float32) for state in initial_state]
     # A loss that weighs every output and every final state, so that every gradient path counts.
     output_weights = [tf.constant(rng.normal(size=[batch, steps, units]), tf.float32)]
     output_weights += [tf.constant(rng.normal(size=[batch, size]), tf.float32) for size in state_sizes]
 
-    cell = MemoryAugmentedLSTM(units, memory_cells, cell_size, read_heads, read_sharpness)
+    cell = MemoryAugmentedLSTM(units, memory_cells, cell_size, read_heads, read_sharpness, read_match)
 
     def outputs_and_gradients(rnn_class):
         rnn = rnn_class(cell, return_sequences=True, return_state=True)
