@@ -4,12 +4,16 @@
     python3 benchmarks/results.py write             # the tables in README.md and benchmarks/README.md, the chart
     python3 benchmarks/results.py check             # exit status 1 if a table differs from the record
     OMNIGLOT_DATA=../shared/omniglot/omniglot.npz python3 benchmarks/results.py run NAME [NAME ...]
+    python3 benchmarks/results.py record NAME [NAME ...]
 
 `run` trains the named runs of RUNS one after another (run it from a clone
 of main, so that edits do not change a running program), keeps each output
 in benchmarks/logs/NAME.log, records its last epoch (never the best one),
-wall time, date and machine in runs.csv, and writes the tables. The chart
-needs matplotlib (pip install -r benchmarks/requirements.txt).
+wall time, date and machine in runs.csv, and writes the tables. `record`
+does the same for runs made by hand: the log of
+`/usr/bin/time -v python3 learning_to_learn.py FLAGS > benchmarks/logs/NAME.log 2>&1`,
+its wall time read from `time`'s report. The chart needs matplotlib
+(pip install -r benchmarks/requirements.txt).
 """
 import argparse
 import csv
@@ -59,6 +63,8 @@ RUNS = {
     "cosine-shift-rotations-2heads-5way": BEST[:5] + ["--learning_rate_decay=cosine", "--epochs=60"],
     "best-5way": BEST,
     "best-5way-seed1": BEST + ["--seed=1"],
+    # Towards knowing when a character is new: each read with its best match.
+    "match-best-5way": BEST + ["--read_match"],
 }
 README_RUNS = ["default-5way", "default-2way", "lstm-only-5way", "sharpness-5way", "best-5way", "best-5way-seed1"]
 CHART_RUNS = ["default-5way", "lstm-only-5way", "sharpness-5way", "best-5way"]
@@ -121,8 +127,9 @@ def tables(record):
     occurrence_columns = [f"val_acc{nth}" for nth in OCCURRENCES]
     readme = runs_table(README_RUNS, occurrence_columns, headers=["1st", "2nd", "5th", "10th"], short=True)
     readme += [f"| {title} | | | | | | | {occurrence_cells(values)} |" for title, values in README_ANCHORS.items()]
+    recorded = [name for name in RUNS if name in record]
     return {"headline": "\n".join(headline), "readme-runs": "\n".join(readme),
-            "anchors": "\n".join(anchors), "all-runs": "\n".join(runs_table(RUNS, METRICS))}
+            "anchors": "\n".join(anchors), "all-runs": "\n".join(runs_table(recorded, METRICS))}
 
 
 def marked(name):
@@ -189,25 +196,39 @@ def last_epoch(log):
 
 def run(names):
     os.makedirs(LOGS, exist_ok=True)
-    record = read_record()
     for name in names:
-        log = os.path.join(LOGS, f"{name}.log")
         start = time.monotonic()
-        with open(log, "w") as output:
+        with open(os.path.join(LOGS, f"{name}.log"), "w") as output:
             subprocess.run([sys.executable, os.path.join(ROOT, "learning_to_learn.py"), *RUNS[name]],
                            stdout=output, stderr=subprocess.STDOUT, check=True)
         minutes, seconds = divmod(int(time.monotonic() - start), 60)
-        metrics, epochs = last_epoch(log)
-        seed = next((flag.split("=")[1] for flag in RUNS[name] if flag.startswith("--seed=")), "42")
-        record[name] = {"name": name, "seed": seed, "date": time.strftime("%Y-%m-%d"),
-                        "machine": f"{'GPU' if gpu() else 'CPU'}, {os.cpu_count()} cores",
-                        "wall": f"{minutes}:{seconds:02d}", "epochs": epochs, **metrics}
-        with open(RECORD, "w", newline="") as file:
-            writer = csv.DictWriter(file, fieldnames=["name", "seed", "date", "machine", "wall", "epochs", *METRICS])
-            writer.writeheader()
-            writer.writerows(record[known] for known in RUNS if known in record)
-        print(f"{name}: {minutes}:{seconds:02d} on {platform.node()}", file=sys.stderr)
+        add_to_record(name, f"{minutes}:{seconds:02d}")
     write()
+
+
+def record_logs(names):
+    for name in names:
+        log = os.path.join(LOGS, f"{name}.log")
+        wall = re.findall(r"Elapsed \(wall clock\) time \(h:mm:ss or m:ss\): (\S+)", open(log, errors="replace").read())
+        if not wall:
+            sys.exit(f"results.py: error: {log} holds no wall time of /usr/bin/time -v")
+        add_to_record(name, wall[-1].split(".")[0])
+    write()
+
+
+def add_to_record(name, wall):
+    """Records the run `name` from its log, with its wall time, on this machine, today."""
+    record = read_record()
+    metrics, epochs = last_epoch(os.path.join(LOGS, f"{name}.log"))
+    seed = next((flag.split("=")[1] for flag in RUNS[name] if flag.startswith("--seed=")), "42")
+    record[name] = {"name": name, "seed": seed, "date": time.strftime("%Y-%m-%d"),
+                    "machine": f"{'GPU' if gpu() else 'CPU'}, {os.cpu_count()} cores", "wall": wall,
+                    "epochs": epochs, **metrics}
+    with open(RECORD, "w", newline="") as file:
+        writer = csv.DictWriter(file, fieldnames=["name", "seed", "date", "machine", "wall", "epochs", *METRICS])
+        writer.writeheader()
+        writer.writerows(record[known] for known in RUNS if known in record)
+    print(f"{name}: {wall} on {platform.node()}", file=sys.stderr)
 
 
 def gpu():
@@ -218,13 +239,15 @@ def gpu():
 
 if __name__ == "__main__":
     options = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    options.add_argument("command", choices=["write", "check", "run"])
+    options.add_argument("command", choices=["write", "check", "run", "record"])
     options.add_argument("names", nargs="*", metavar="NAME", help="Runs of RUNS, for run.")
     arguments = options.parse_args()
     if unknown := [name for name in arguments.names if name not in RUNS]:
         options.error(f"no such run: {', '.join(unknown)}; RUNS has {', '.join(RUNS)}")
     if arguments.command == "run":
         run(arguments.names)
+    elif arguments.command == "record":
+        record_logs(arguments.names)
     elif arguments.command == "write":
         write()
     elif stale := check():

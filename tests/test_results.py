@@ -24,7 +24,8 @@ def test_a_changed_figure_in_the_record_changes_the_tables():
 
 def test_every_recorded_run_is_one_of_RUNS_with_every_metric():
     record = results.read_record()
-    assert list(record) == list(results.RUNS)
+    assert list(record) == [name for name in results.RUNS if name in record], "runs.csv keeps the order of RUNS"
+    assert set(results.README_RUNS + results.CHART_RUNS) <= set(record)
     for run in record.values():
         assert all(0 <= float(run[name]) <= 1 for name in results.METRICS if name != "val_loss"), run
 
@@ -36,3 +37,16 @@ def test_the_last_epoch_of_a_log_is_read(tmp_path):
                                                          in enumerate(names)) + "\n" for epoch in [1, 2]))
     metrics, epochs = results.last_epoch(log)
     assert epochs == 2 and metrics == {name: f"0.2{index:03d}" for index, name in enumerate(names)}
+
+
+def test_a_log_of_usr_bin_time_is_recorded_with_its_wall_time(tmp_path, monkeypatch):
+    monkeypatch.setattr(results, "LOGS", str(tmp_path))
+    monkeypatch.setattr(results, "RECORD", str(tmp_path / "runs.csv"))
+    monkeypatch.setattr(results, "gpu", lambda: False)
+    (tmp_path / "runs.csv").write_text(open(os.path.join(ROOT, "benchmarks", "runs.csv")).read())
+    line = "Epoch 1/1 " + " - ".join(f"{name}: 0.5000" for name in results.METRICS)
+    (tmp_path / "best-5way.log").write_text(f"{line}\n\tElapsed (wall clock) time (h:mm:ss or m:ss): 54:30.97\n")
+    monkeypatch.setattr(results, "write", lambda: None)
+    results.record_logs(["best-5way"])
+    recorded = results.read_record()["best-5way"]
+    assert (recorded["wall"], recorded["epochs"], recorded["val_acc2"]) == ("54:30", "1", "0.5000")
