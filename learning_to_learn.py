@@ -25,6 +25,7 @@ import math
 import os
 import signal
 import sys
+import warnings
 import zipfile
 from typing import NamedTuple
 
@@ -747,7 +748,10 @@ def check_episodes_fit(args, omniglot):
 def load_trained_model(path, classes, images_per_class):
     """Loads a model saved by --save_model, refusing other files and models of other episodes."""
     try:
-        model = keras.models.load_model(path)
+        with warnings.catch_warnings():
+            # --save_model leaves the optimizer's state out on purpose: evaluating does without it.
+            warnings.filterwarnings("ignore", message="Skipping variable loading for optimizer")
+            model = keras.models.load_model(path)
     except Exception as error:
         raise DataError(f"{path} is not a model saved by this program ({error})") from None
     if not any(isinstance(getattr(layer, "cell", None), MemoryAugmentedLSTM) for layer in model.layers):
@@ -768,8 +772,11 @@ def train_and_save(model, args, train, validation, initial_epoch, callbacks, che
                             initial_epoch=initial_epoch, shuffle=False, validation_data=validation,
                             verbose=0 if args.recodex else "auto", callbacks=callbacks)
         if args.save_model:
+            # The weights alone, without the optimizer's state (twice their size): resuming is the checkpoint's job.
+            trained = build_model(args)
+            trained.set_weights(model.get_weights())
             try:
-                write_atomically(args.save_model, model.save, suffix=".keras")
+                write_atomically(args.save_model, trained.save, suffix=".keras")
             except OSError as error:
                 raise RunEnded(f"cannot write the model {args.save_model} ({error.strerror})") from None
     except KeyboardInterrupt as interruption:

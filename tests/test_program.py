@@ -5,7 +5,9 @@ import re
 import signal
 import subprocess
 import sys
+import zipfile
 
+import h5py
 import pytest
 
 from conftest import ROOT, run_program
@@ -75,7 +77,9 @@ def test_killed_run_resumes_and_ends_like_an_uninterrupted_one(omniglot_npz, tmp
                           f"--save_model={tmp_path / 'model.keras'}").splitlines()
     assert resumed == uninterrupted[1:], "the resumed run must print only the epochs it trains, identically"
 
-    # The saved model gives the last epoch's validation metrics again.
+    # The saved model holds no optimizer state, and gives the last epoch's validation metrics again.
+    with zipfile.ZipFile(tmp_path / "model.keras") as archive, h5py.File(archive.open("model.weights.h5")) as weights:
+        assert len(weights["optimizer"]["vars"]) <= 2, "Adam's moments were saved"  # its step count and rate at most
     evaluation = graded_output(omniglot_npz, "--recodex", "--classes=2", "--test_episodes=160",
                              f"--evaluate={tmp_path / 'model.keras'}").splitlines()
     last = uninterrupted[-1]
