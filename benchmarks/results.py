@@ -216,9 +216,18 @@ def record_logs(names):
     write()
 
 
+def compact(log):
+    """Rewrites a log without the progress bar's steps and colours: of each epoch, its last line."""
+    text = re.sub(r"\x1b\[[0-9;]*m", "", open(log, errors="replace").read())
+    lines = [line.split("\r")[-1] for line in text.split("\n")]
+    with open(log, "w") as file:
+        file.write("\n".join(line for line in lines if "val_" in line or not re.match(r"\s*\d+/\d+ ", line)))
+
+
 def add_to_record(name, wall):
     """Records the run `name` from its log, with its wall time, on this machine, today."""
     record = read_record()
+    compact(os.path.join(LOGS, f"{name}.log"))
     metrics, epochs = last_epoch(os.path.join(LOGS, f"{name}.log"))
     seed = next((flag.split("=")[1] for flag in RUNS[name] if flag.startswith("--seed=")), "42")
     record[name] = {"name": name, "seed": seed, "date": time.strftime("%Y-%m-%d"),
