@@ -218,7 +218,7 @@ def record_logs(names):
 
 def compact(log):
     """Rewrites a log without the progress bar's steps and colours: of each epoch, its last line."""
-    text = re.sub(r"\x1b\[[0-9;]*m", "", open(log, errors="replace").read())
+    text = re.sub(r"\x1b\[[0-9;]*m", "", open(log, errors="replace", newline="").read())  # "\r" kept
     lines = [line.split("\r")[-1] for line in text.split("\n")]
     with open(log, "w") as file:
         file.write("\n".join(line for line in lines if "val_" in line or not re.match(r"\s*\d+/\d+ ", line)))

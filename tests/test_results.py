@@ -50,3 +50,11 @@ def test_a_log_of_usr_bin_time_is_recorded_with_its_wall_time(tmp_path, monkeypa
     results.record_logs(["best-5way"])
     recorded = results.read_record()["best-5way"]
     assert (recorded["wall"], recorded["epochs"], recorded["val_acc2"]) == ("54:30", "1", "0.5000")
+
+
+def test_a_compacted_log_keeps_each_epochs_last_line(tmp_path):
+    log = tmp_path / "run.log"
+    log.write_text("Epoch 1/2\n\x1b[1m  1/625\x1b[0m ━━ 9s/step - loss: 1.6\n\r\x1b[1m  2/625\x1b[0m ━━ - loss: 1.5\r"
+                   "625/625 ━━ 57s 90ms/step - loss: 1.2 - val_acc: 0.3000\nEpoch 2/2\n")
+    results.compact(log)
+    assert log.read_text() == "Epoch 1/2\n625/625 ━━ 57s 90ms/step - loss: 1.2 - val_acc: 0.3000\nEpoch 2/2\n"
