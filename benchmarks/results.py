@@ -65,6 +65,8 @@ RUNS = {
     "best-5way-seed1": BEST + ["--seed=1"],
     # Towards knowing when a character is new: each read with its best match.
     "match-best-5way": BEST + ["--read_match"],
+    # 15-way episodes (150 steps, 150 cells) on the best recipe, as many epochs as an hour holds.
+    "best-15way": ["--classes=15"] + BEST[1:-1] + ["--epochs=15"],
 }
 README_RUNS = ["default-5way", "default-2way", "lstm-only-5way", "sharpness-5way", "best-5way", "best-5way-seed1"]
 CHART_RUNS = ["default-5way", "lstm-only-5way", "sharpness-5way", "best-5way"]
