@@ -42,6 +42,9 @@ def write_atomically(path, save, suffix):
     os.close(handle)
     try:
         save(temporary)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(temporary, 0o666 & ~umask)  # as open() would make it, not mkstemp's owner-only 0o600
         os.replace(temporary, path)
     except BaseException:
         os.remove(temporary)

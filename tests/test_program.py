@@ -99,8 +99,13 @@ def test_atomic_write_keeps_the_old_file_when_a_save_fails(tmp_path):
     assert target.read_text() == "previous checkpoint"
     assert os.listdir(tmp_path) == ["checkpoint.weights.h5"]
 
-    write_atomically(str(target), lambda path: open(path, "w").write("new checkpoint"), suffix=".weights.h5")
+    umask = os.umask(0o027)
+    try:
+        write_atomically(str(target), lambda path: open(path, "w").write("new checkpoint"), suffix=".weights.h5")
+    finally:
+        os.umask(umask)
     assert target.read_text() == "new checkpoint" and os.listdir(tmp_path) == ["checkpoint.weights.h5"]
+    assert oct(target.stat().st_mode & 0o777) == oct(0o640), "the file's mode follows the umask, as open()'s"
 
 
 @pytest.mark.slow
