@@ -749,8 +749,10 @@ def load_trained_model(path, classes, images_per_class):
     """Loads a model saved by --save_model, refusing other files and models of other episodes."""
     try:
         with warnings.catch_warnings():
-            # --save_model leaves the optimizer's state out on purpose: evaluating does without it.
+            # --save_model leaves the optimizer's state out on purpose: evaluating does without it. And a model
+            # trained with XLA runs without it under --recodex's op determinism, as it should.
             warnings.filterwarnings("ignore", message="Skipping variable loading for optimizer")
+            warnings.filterwarnings("ignore", message="Model doesn't support `jit_compile=True`")
             model = keras.models.load_model(path)
     except Exception as error:
         raise DataError(f"{path} is not a model saved by this program ({error})") from None

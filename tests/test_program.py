@@ -1,4 +1,5 @@
 """The program end to end, as a process: graded output, determinism, resuming, saving, learning on the real data."""
+import csv
 import math
 import os
 import re
@@ -116,3 +117,11 @@ def test_images_per_class_below_ten_reports_no_acc10(omniglot_npz):
     assert "no class appears 10 times in an episode: only loss, acc, acc1, acc2 are reported" in result.stderr
     names = re.findall(r"(\w+): \d", result.stdout)
     assert names == ["loss", "acc", "acc1", "acc2", "val_loss", "val_acc", "val_acc1", "val_acc2"]
+
+
+@pytest.mark.slow
+def test_the_shipped_model_evaluates_to_its_runs_last_epoch(omniglot_npz):
+    with open(os.path.join(ROOT, "benchmarks", "runs.csv"), newline="") as file:
+        recorded = {row["name"]: row for row in csv.DictReader(file)}["match-best-5way"]
+    lines = graded_output(omniglot_npz, "--recodex", f"--evaluate={ROOT}/benchmarks/models/match-best-5way.keras")
+    assert lines.splitlines() == ["Test " + " - ".join(f"{name}: {recorded[f'val_{name}']}" for name in NAMES)]
