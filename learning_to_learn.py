@@ -696,12 +696,17 @@ class EpochCheckpoint(keras.callbacks.Callback):
             raise DataError(f"{self.directory} holds a run of other flags ({'; '.join(differences)}): run its "
                             "original command to continue it, or choose another --checkpoint_dir to start anew")
 
+    @staticmethod
+    def variables(model):
+        """What a checkpoint holds, in the order it is saved and restored: every weight, then Adam's state."""
+        return model.weights + model.optimizer.variables
+
     def restore(self, model):
         """Loads the claimed checkpoint, if any, into `model`; returns the number of epochs it has done."""
         if self.saved is None:
             return 0
         model.optimizer.build(model.trainable_variables)
-        variables = model.weights + model.optimizer.variables
+        variables = self.variables(model)
         arrays = [self.saved.get(f"variable_{index}") for index in range(len(variables))]
         if len(self.saved) != len(variables) + 1 or any(array is None or array.shape != tuple(variable.shape)
                                                          for array, variable in zip(arrays, variables, strict=True)):
@@ -717,7 +722,7 @@ class EpochCheckpoint(keras.callbacks.Callback):
 
     def on_epoch_end(self, epoch, logs=None):
         arrays = {f"variable_{index}": variable.numpy()
-                  for index, variable in enumerate(self.model.weights + self.model.optimizer.variables)}
+                  for index, variable in enumerate(self.variables(self.model))}
         try:
             write_atomically(self.path, lambda path: np.savez(path, run=json.dumps(self.run), epochs=epoch + 1,
                                                               **arrays), suffix=".npz")
