@@ -38,6 +38,9 @@ def test_the_recurrence_sees_each_images_features_then_the_one_hot_previous_labe
 @pytest.mark.parametrize("flags", [["--read_heads=2", "--read_sharpness=3"], ["--read_match"]])
 def test_fused_and_plain_recurrence_give_the_same_predictions_and_gradients(flags):
     args = parse_args([*TINY, *flags])
+    # Seeded: the best match's max has a kink, and with unseeded weights a rare near-tie of two cells lets the
+    # two routes' last-bit differences pick different cells.
+    keras.utils.set_random_seed(0)
     fused, plain = build_model(args), build_model(args, fused=False)
     assert type(recurrence_of(fused)) is MemoryAugmentedRNN and type(recurrence_of(plain)) is keras.layers.RNN
     plain.set_weights(fused.get_weights())
