@@ -149,6 +149,7 @@ def test_fused_layer_matches_the_cell_loop_and_its_automatic_gradients(read_head
     output_weights = [tf.constant(rng.normal(size=[batch, steps, units]), tf.float32)]
     output_weights += [tf.constant(rng.normal(size=[batch, size]), tf.float32) for size in state_sizes]
 
+    keras.utils.set_random_seed(0)  # the max of a near-tie has a kink: unseeded weights made this flaky
     cell = MemoryAugmentedLSTM(units, memory_cells, cell_size, read_heads, read_sharpness, read_match)
 
     def outputs_and_gradients(rnn_class):
