@@ -81,6 +81,9 @@ model_flags.add_argument("--read_sharpness", default=1.0, type=float, metavar="X
                          help="Multiplies the cosine similarities before the read's softmax (1: the assignment's).")
 model_flags.add_argument("--read_match", default=False, action="store_true",
                          help="Give each read its best cosine similarity too: how well anything in memory matches.")
+model_flags.add_argument("--read_strength", default=False, action="store_true",
+                         help="Let the controller sharpen each read every step: --read_sharpness plus a learned "
+                              "softplus.")
 training = parser.add_argument_group("training")
 training.add_argument("--batch_size", default=16, type=int, metavar="N", help="Episodes per batch.")
 training.add_argument("--learning_rate", default=0.001, type=float, metavar="X", help="Adam's learning rate.")
@@ -107,8 +110,8 @@ MINIMUM = {"classes": 2, "images_per_class": 1, "train_episodes": 1, "test_episo
            "cell_size": 1, "read_heads": 0, "batch_size": 1, "epochs": 1, "seed": 0, "threads": 0}
 # What --evaluate ignores: the model file has its own architecture, and nothing is trained or written.
 TRAINING_ONLY = ["train_episodes", "rotations", "shift", "cnn_filters", "lstm_dim", "cell_size", "read_heads",
-                 "read_sharpness", "read_match", "learning_rate", "learning_rate_decay", "epochs", "checkpoint_dir",
-                 "logdir", "save_model"]
+                 "read_sharpness", "read_match", "read_strength", "learning_rate", "learning_rate_decay", "epochs",
+                 "checkpoint_dir", "logdir", "save_model"]
 
 
 def parse_args(argv=None):
@@ -361,7 +364,7 @@ class CellState(NamedTuple):
 class StepActivations(NamedTuple):
     """What a step computes on the way, kept for the fused backward pass."""
     gates: tf.Tensor  # (batch, 4 * units): the controller's input, forget, candidate and output gates, activated
-    interface: tf.Tensor  # (batch, (read_heads + 1) * cell_size): the write value, then the read keys
+    interface: tf.Tensor  # (batch, interface_size): the write value, the read keys[, each head's key strength]
     read_weights: tf.Tensor  # (batch, read_heads, memory_cells)
 
 
@@ -384,17 +387,25 @@ class MemoryAugmentedLSTM(keras.layers.Layer):
     or not. With `read_match`, each head's read value comes with its largest
     cosine similarity, so that the controller and the output can tell a
     character seen before from a new one.
+
+    With `read_strength`, the controller also emits each head's key strength,
+    the NTM's beta, a softplus: that head's sharpness this step is
+    `read_sharpness` plus the strength, so that it can read sharper when one
+    cell stands out.
     """
 
-    def __init__(self, units, memory_cells, cell_size, read_heads, read_sharpness=1.0, read_match=False, **kwargs):
+    def __init__(self, units, memory_cells, cell_size, read_heads, read_sharpness=1.0, read_match=False,
+                 read_strength=False, **kwargs):
         super().__init__(**kwargs)
         self.units, self.memory_cells, self.cell_size, self.read_heads = units, memory_cells, cell_size, read_heads
-        self.read_sharpness, self.read_match = read_sharpness, read_match
+        self.read_sharpness, self.read_match, self.read_strength = read_sharpness, read_match, read_strength
         self.read_size = read_heads * cell_size + (read_heads if read_match else 0)
         # Owns the controller's weights, with Keras's LSTM initializers; `step` spells out its equations.
         self.controller = keras.layers.LSTMCell(units)
-        # The write value first, then the read keys.
-        self.interface_layer = keras.layers.Dense((read_heads + 1) * cell_size, activation="tanh")
+        # The write value, then the read keys, through a tanh; then the key strengths, through a softplus.
+        self.keys_end = (read_heads + 1) * cell_size
+        self.interface_size = self.keys_end + (read_heads if read_strength else 0)
+        self.interface_layer = keras.layers.Dense(self.interface_size)
         self.output_layer = keras.layers.Dense(units, activation="tanh")
         # CellState with the memory flat: Keras RNN states must be vectors.
         self.state_size = [units, units, self.read_size, memory_cells * cell_size]
@@ -415,11 +426,13 @@ class MemoryAugmentedLSTM(keras.layers.Layer):
         recurrent = ops.concatenate([self.controller.recurrent_kernel, self.controller.kernel[self.input_size:]])
         return recurrent, self.interface_layer.kernel, self.interface_layer.bias
 
-    def _read(self, memory, read_keys):
+    def _read(self, memory, read_keys, sharpness=None):
         """Returns the read value (batch, read_size) and the read weights (batch, read_heads, cells)."""
-        # memory: (batch, memory_cells, cell_size), read_keys: (batch, read_heads, cell_size)
+        # memory: (batch, memory_cells, cell_size), read_keys: (batch, read_heads, cell_size),
+        # sharpness: read_sharpness, or each head's (batch, read_heads, 1)
+        sharpness = self.read_sharpness if sharpness is None else sharpness
         similarity = ops.einsum("bhc,bmc->bhm", unit_vectors(read_keys)[0], unit_vectors(memory)[0])
-        read_weights = ops.softmax(self.read_sharpness * similarity, axis=-1)
+        read_weights = ops.softmax(sharpness * similarity, axis=-1)
         read_value = ops.matmul(read_weights, memory)  # all heads in one product
         read_value = ops.reshape(read_value, (ops.shape(memory)[0], self.read_heads * self.cell_size))
         if self.read_match:
@@ -446,15 +459,19 @@ class MemoryAugmentedLSTM(keras.layers.Layer):
         c = gates[1] * state.c + gates[0] * gates[2]
         h = gates[3] * ops.tanh(c)
 
-        # The interface: one write value and a key for each read head.
-        interface = ops.tanh(ops.matmul(h, interface_kernel) + interface_bias)
+        # The interface: one write value and a key for each read head[, and each key's strength].
+        interface = ops.matmul(h, interface_kernel) + interface_bias
+        interface = ops.concatenate([ops.tanh(interface[:, :self.keys_end]),
+                                     ops.softplus(interface[:, self.keys_end:])], axis=-1)
         write_value = interface[:, :self.cell_size]
         # An explicit batch size: with --read_heads=0 the keys are empty and -1 could not be inferred.
         batch_size = ops.shape(h)[0]
-        read_keys = ops.reshape(interface[:, self.cell_size:], (batch_size, self.read_heads, self.cell_size))
+        read_keys = ops.reshape(interface[:, self.cell_size:self.keys_end],
+                                (batch_size, self.read_heads, self.cell_size))
+        sharpness = self.read_sharpness + interface[:, self.keys_end:, None] if self.read_strength else None
 
         # Read the memory as it was, then write.
-        read_value, read_weights = self._read(state.memory, read_keys)
+        read_value, read_weights = self._read(state.memory, read_keys, sharpness)
         memory = self._write(state.memory, write_value)
         return CellState(h, c, read_value, memory), StepActivations(ops.concatenate(gates, axis=-1), interface,
                                                                     read_weights)
@@ -472,7 +489,8 @@ class MemoryAugmentedLSTM(keras.layers.Layer):
     def get_config(self):
         config = super().get_config()
         config.update(units=self.units, memory_cells=self.memory_cells, cell_size=self.cell_size,
-                      read_heads=self.read_heads, read_sharpness=self.read_sharpness, read_match=self.read_match)
+                      read_heads=self.read_heads, read_sharpness=self.read_sharpness, read_match=self.read_match,
+                      read_strength=self.read_strength)
         return config
 
 
@@ -512,7 +530,7 @@ def build_model(args, fused=True):
 
     cell = MemoryAugmentedLSTM(args.lstm_dim, memory_cells=steps, cell_size=args.cell_size,
                                read_heads=args.read_heads, read_sharpness=args.read_sharpness,
-                               read_match=args.read_match)
+                               read_match=args.read_match, read_strength=args.read_strength)
     recurrence = MemoryAugmentedRNN if fused else keras.layers.RNN
     outputs = recurrence(cell, return_sequences=True)(inputs)
     predictions = keras.layers.Dense(args.classes, activation="softmax")(outputs)
@@ -650,10 +668,12 @@ def differing_flags(saved, current):
     def text(value):
         return ",".join(map(str, value)) if isinstance(value, list) else str(value)
 
+    # A flag newer than the checkpoint had its default value there.
+    saved = {flag: saved.get(flag, parser.get_default(flag)) for flag in current}
     # Without a decaying learning rate, nothing depends on --epochs: more epochs continue the same run.
-    ignored = ["epochs"] if saved.get("learning_rate_decay") == current["learning_rate_decay"] == "none" else []
-    return [f"--{flag} {text(saved.get(flag))} in the checkpoint, {text(value)} now"
-            for flag, value in current.items() if flag not in ignored and saved.get(flag) != value]
+    ignored = ["epochs"] if saved["learning_rate_decay"] == current["learning_rate_decay"] == "none" else []
+    return [f"--{flag} {text(saved[flag])} in the checkpoint, {text(value)} now"
+            for flag, value in current.items() if flag not in ignored and saved[flag] != value]
 
 
 class EpochCheckpoint(keras.callbacks.Callback):
@@ -917,7 +937,7 @@ class MemoryAugmentedRNN(keras.layers.RNN):
             # tf.scan stacks its whole carry: the states after each step, and what the backward pass keeps.
             batch_size = ops.shape(h)[0]
             nothing_yet = StepActivations(ops.zeros_like(projected[0]),
-                                          ops.zeros((batch_size, (cell.read_heads + 1) * cell.cell_size)),
+                                          ops.zeros((batch_size, cell.interface_size)),
                                           ops.zeros((batch_size, cell.read_heads, cell.memory_cells)))
             after, activations = tf.scan(lambda carry, projected_input: cell.step(projected_input, carry[0], weights),
                                          projected, initializer=(CellState(h, c, read_value, memory), nothing_yet))
@@ -958,15 +978,17 @@ class MemoryAugmentedRNN(keras.layers.RNN):
         gates, interface, read_weights = step.activations
 
         # The read: read_value = read_weights @ memory, read_weights = softmax(sharpness * unit keys @ unit cells).
-        unit_keys, key_norms = unit_vectors(ops.reshape(interface[:, cell.cell_size:], heads_shape))
+        unit_keys, key_norms = unit_vectors(ops.reshape(interface[:, cell.cell_size:cell.keys_end], heads_shape))
         unit_cells, cell_norms = unit_vectors(step.memory_before)
+        similarity = ops.einsum("bhc,bmc->bhm", unit_keys, unit_cells)
+        strengths = interface[:, cell.keys_end:]  # (batch, read_heads) with read_strength, else empty
         d_read_weights = ops.einsum("bhc,bmc->bhm", d_read_value, step.memory_before)
         d_logits = read_weights * (d_read_weights - ops.sum(read_weights * d_read_weights, -1, keepdims=True))
-        d_similarity = cell.read_sharpness * d_logits
+        d_similarity = (cell.read_sharpness + strengths[..., None] if cell.read_strength
+                        else cell.read_sharpness) * d_logits
         if cell.read_match:
             # The best match, max over cells of the similarity: its gradient goes to the best cells, shared
             # equally among ties (empty cells all tie at 0), as TensorFlow differentiates a max.
-            similarity = ops.einsum("bhc,bmc->bhm", unit_keys, unit_cells)
             best = ops.cast(similarity == ops.max(similarity, axis=-1, keepdims=True), similarity.dtype)
             d_best = d_read[:, cell.read_heads * cell.cell_size:]  # (batch, read_heads)
             d_similarity = d_similarity + d_best[..., None] * best / ops.sum(best, axis=-1, keepdims=True)
@@ -978,8 +1000,11 @@ class MemoryAugmentedRNN(keras.layers.RNN):
                     + ops.pad(d_after.memory_before[:, 1:], [[0, 0], [0, 1], [0, 0]]))
         d_keys = ops.reshape(d_keys, (batch_size, cell.read_heads * cell.cell_size))
         # The write value is cell 0 after the step.
-        d_interface = ops.concatenate([d_after.memory_before[:, 0], d_keys], axis=-1)
-        d_interface = d_interface * (1 - interface * interface)  # through the tanh
+        d_tanh = ops.concatenate([d_after.memory_before[:, 0], d_keys], axis=-1)
+        tanh = interface[:, :cell.keys_end]
+        # A strength s = softplus(z) has ds/dz = sigmoid(z) = 1 - exp(-s).
+        d_strengths = ops.sum(d_logits * similarity, axis=-1) if cell.read_strength else strengths
+        d_interface = ops.concatenate([d_tanh * (1 - tanh * tanh), d_strengths * -ops.expm1(-strengths)], axis=-1)
         d_h = d_h + ops.matmul(d_interface, ops.transpose(interface_kernel))
 
         # The controller: c = f * c_before + i * g, h = o * tanh(c).

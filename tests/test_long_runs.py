@@ -113,6 +113,14 @@ def test_flags_that_do_not_change_the_run_may_differ():
         "--epochs 20 in the checkpoint, 30 now"]
 
 
+def test_a_flag_newer_than_the_checkpoint_counts_as_its_default_there():
+    older = run_flags(parse_args(TINY))
+    del older["read_strength"]
+    assert differing_flags(older, run_flags(parse_args(TINY))) == []
+    assert differing_flags(older, run_flags(parse_args([*TINY, "--read_strength"]))) == [
+        "--read_strength False in the checkpoint, True now"]
+
+
 def test_a_second_run_into_a_folder_in_use_is_refused(tmp_path):
     _, checkpoint = checkpointed_model(parse_args(TINY), tmp_path)
     with pytest.raises(DataError, match="another run is training into .*: let it finish, or choose another"):

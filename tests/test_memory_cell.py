@@ -31,7 +31,11 @@ def numpy_step(cell, x, h, c, read_value, memory):
     h = sigmoid(o) * np.tanh(c)
 
     interface_kernel, interface_bias = [w.numpy() for w in cell.interface_layer.weights]
-    interface = np.tanh(h @ interface_kernel + interface_bias)
+    interface = h @ interface_kernel + interface_bias
+    keys_end = (cell.read_heads + 1) * cell.cell_size
+    strengths = np.log1p(np.exp(interface[:, keys_end:]))  # softplus: a key strength for each head, or none
+    assert strengths.shape == (len(x), cell.read_heads if cell.read_strength else 0)
+    interface = np.tanh(interface[:, :keys_end])
     write_value = interface[:, :cell.cell_size]
     keys = interface[:, cell.cell_size:].reshape(len(x), cell.read_heads, cell.cell_size)
 
@@ -39,7 +43,8 @@ def numpy_step(cell, x, h, c, read_value, memory):
     for b in range(len(x)):
         for head in range(cell.read_heads):
             similarity = np.array([cosine(keys[b, head], m) for m in memory[b]])
-            weights = np.exp(cell.read_sharpness * similarity)
+            sharpness = cell.read_sharpness + (strengths[b, head] if cell.read_strength else 0)
+            weights = np.exp(sharpness * similarity)
             weights /= weights.sum()
             reads[b, head] = sum(w * m for w, m in zip(weights, memory[b], strict=True))
             matches[b, head] = similarity.max()
@@ -53,8 +58,10 @@ def numpy_step(cell, x, h, c, read_value, memory):
     return output, h, c, read_value, memory
 
 
-@pytest.mark.parametrize("read_sharpness, read_match", [(1.0, False), (4.0, False), (2.0, True)])
-def test_rnn_over_cell_matches_numpy_with_several_heads_and_memory_shift(read_sharpness, read_match):
+@pytest.mark.parametrize("read_sharpness, read_match, read_strength",
+                         [(1.0, False, False), (4.0, False, False), (2.0, True, False), (1.0, False, True),
+                          (3.0, True, True)])
+def test_rnn_over_cell_matches_numpy_with_several_heads_and_memory_shift(read_sharpness, read_match, read_strength):
     batch, steps, features = 2, 6, 5
     units, memory_cells, cell_size, read_heads = 7, 4, 3, 3  # 6 steps > 4 cells: old cells drop
     rng = np.random.default_rng(0)
@@ -64,7 +71,7 @@ def test_rnn_over_cell_matches_numpy_with_several_heads_and_memory_shift(read_sh
     read_value = rng.normal(size=[batch, read_heads * (cell_size + read_match)]).astype(np.float32)
     memory = rng.normal(size=[batch, memory_cells, cell_size]).astype(np.float32)
 
-    cell = MemoryAugmentedLSTM(units, memory_cells, cell_size, read_heads, read_sharpness, read_match)
+    cell = MemoryAugmentedLSTM(units, memory_cells, cell_size, read_heads, read_sharpness, read_match, read_strength)
     rnn = keras.layers.RNN(cell, return_sequences=True, return_state=True)
     outputs, *states = rnn(inputs, initial_state=[h, c, read_value, memory.reshape(batch, -1)])
 
@@ -127,12 +134,14 @@ def test_read_weights_cells_by_softmax_of_cosine_similarity():
                                rtol=1e-6)
 
 
-@pytest.mark.parametrize("read_heads, memory_cells, read_sharpness, jit_compile, memory, read_match", [
-    (1, 7, 1.0, False, "random", False), (3, 4, 5.0, True, "random", False), (0, 7, 1.0, True, "random", False),
-    (2, 7, 3.0, False, "tiny cell", False), (2, 4, 3.0, False, "random", True), (1, 7, 1.0, True, "tiny cell", True),
-    (2, 7, 5.0, False, "empty", True)])
+@pytest.mark.parametrize("read_heads, memory_cells, read_sharpness, jit_compile, memory, read_match, read_strength", [
+    (1, 7, 1.0, False, "random", False, False), (3, 4, 5.0, True, "random", False, False),
+    (0, 7, 1.0, True, "random", False, False), (2, 7, 3.0, False, "tiny cell", False, False),
+    (2, 4, 3.0, False, "random", True, False), (1, 7, 1.0, True, "tiny cell", True, False),
+    (2, 7, 5.0, False, "empty", True, False), (2, 4, 1.0, False, "random", False, True),
+    (3, 7, 5.0, True, "tiny cell", True, True), (0, 7, 1.0, False, "random", False, True)])
 def test_fused_layer_matches_the_cell_loop_and_its_automatic_gradients(read_heads, memory_cells, read_sharpness,
-                                                                       jit_compile, memory, read_match):
+                                                                       jit_compile, memory, read_match, read_strength):
     # 7 steps: with 4 cells old cells drop; 0 heads is the LSTM-only baseline; a tiny cell has its norm floored;
     # in an empty memory every cell ties for the best match.
     batch, steps, features, units, cell_size = 3, 7, 5, 6, 4
@@ -150,7 +159,7 @@ def test_fused_layer_matches_the_cell_loop_and_its_automatic_gradients(read_head
     output_weights += [tf.constant(rng.normal(size=[batch, size]), tf.float32) for size in state_sizes]
 
     keras.utils.set_random_seed(0)  # the max of a near-tie has a kink: unseeded weights made this flaky
-    cell = MemoryAugmentedLSTM(units, memory_cells, cell_size, read_heads, read_sharpness, read_match)
+    cell = MemoryAugmentedLSTM(units, memory_cells, cell_size, read_heads, read_sharpness, read_match, read_strength)
 
     def outputs_and_gradients(rnn_class):
         rnn = rnn_class(cell, return_sequences=True, return_state=True)
