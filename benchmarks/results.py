@@ -65,6 +65,8 @@ RUNS = {
     "best-5way-seed1": BEST + ["--seed=1"],
     # Towards knowing when a character is new: each read with its best match.
     "match-best-5way": BEST + ["--read_match"],
+    # A sharpness the controller sets itself, every step and head, on top of the recipe's.
+    "strength-best-5way": BEST + ["--read_strength"],
     # 15-way episodes (150 steps, 150 cells) on the best recipe, as many epochs as an hour holds.
     "best-15way": ["--classes=15"] + BEST[1:-1] + ["--epochs=15"],
 }
