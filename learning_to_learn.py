@@ -81,6 +81,9 @@ model_flags.add_argument("--read_sharpness", default=1.0, type=float, metavar="X
                          help="Multiplies the cosine similarities before the read's softmax (1: the assignment's).")
 model_flags.add_argument("--read_match", default=False, action="store_true",
                          help="Give each read its best cosine similarity too: how well anything in memory matches.")
+model_flags.add_argument("--feature_match", default=False, action="store_true",
+                         help="Give the controller each image's best cosine with the CNN features of the earlier "
+                              "images.")
 model_flags.add_argument("--read_strength", default=False, action="store_true",
                          help="Let the controller sharpen each read every step: --read_sharpness plus a learned "
                               "softplus.")
@@ -110,8 +113,8 @@ MINIMUM = {"classes": 2, "images_per_class": 1, "train_episodes": 1, "test_episo
            "cell_size": 1, "read_heads": 0, "batch_size": 1, "epochs": 1, "seed": 0, "threads": 0}
 # What --evaluate ignores: the model file has its own architecture, and nothing is trained or written.
 TRAINING_ONLY = ["train_episodes", "rotations", "shift", "cnn_filters", "lstm_dim", "cell_size", "read_heads",
-                 "read_sharpness", "read_match", "read_strength", "learning_rate", "learning_rate_decay", "epochs",
-                 "checkpoint_dir", "logdir", "save_model"]
+                 "read_sharpness", "read_match", "feature_match", "read_strength", "learning_rate",
+                 "learning_rate_decay", "epochs", "checkpoint_dir", "logdir", "save_model"]
 
 
 def parse_args(argv=None):
@@ -508,6 +511,19 @@ def image_features(conv_filters):
     return keras.Sequential(layers + [keras.layers.Flatten()], name="image_features")
 
 
+def best_earlier_match(features):
+    """Each step's largest cosine similarity between its image's features `[episodes, steps, features]` and those
+    of the earlier images of its episode, `[episodes, steps, 1]`: 0 at the first step, where nothing came before.
+
+    Unlike a read, it needs no memory: all images of an episode are known from the start.
+    A CNN ending in a ReLU has no negative features, so no cosine lies below 0.
+    """
+    units = unit_vectors(features)[0]
+    similarity = ops.einsum("btf,buf->btu", units, units)
+    earlier = np.tri(features.shape[1], k=-1, dtype=bool)  # [t, u]: u < t
+    return ops.max(ops.where(earlier, similarity, 0.0), axis=-1, keepdims=True)
+
+
 def steps_per_epoch(train_episodes, batch_size):
     """Training batches an epoch: the last one may hold fewer episodes."""
     return math.ceil(train_episodes / batch_size)
@@ -527,6 +543,8 @@ def build_model(args, fused=True):
     features = image_features(args.cnn_filters)(ops.reshape(images, (-1, Omniglot.H, Omniglot.W, Omniglot.C)))
     features = ops.reshape(features, (-1, steps, features.shape[-1]))
     inputs = ops.concatenate([features, ops.one_hot(labels, args.classes)], axis=-1)  # label -1: all zeros
+    if args.feature_match:
+        inputs = ops.concatenate([inputs, best_earlier_match(features)], axis=-1)
 
     cell = MemoryAugmentedLSTM(args.lstm_dim, memory_cells=steps, cell_size=args.cell_size,
                                read_heads=args.read_heads, read_sharpness=args.read_sharpness,

@@ -55,7 +55,7 @@ def inside_the_reads(model, images, previous):
     with the cell written at step u (at u >= t, an empty cell)."""
     rnn = next(layer for layer in model.layers if isinstance(getattr(layer, "cell", None), MemoryAugmentedLSTM))
     cell = rnn.cell
-    inputs = keras.Model(model.inputs, rnn.input)((images, previous))  # the features, then the one-hot label
+    inputs = keras.Model(model.inputs, rnn.input)((images, previous))  # the CNN's features first
     episodes, steps = inputs.shape[:2]
     if cell.memory_cells != steps:
         sys.exit("first_occurrences.py: error: the model's memory holds not one cell for each step")
@@ -76,7 +76,8 @@ def inside_the_reads(model, images, previous):
     read_weights /= read_weights.sum(axis=-1, keepdims=True)
     reads = np.einsum("bhtu,buc->bthc", read_weights * written, writes).reshape(episodes, steps, -1)
     np.testing.assert_allclose(reads, read_values[..., :reads.shape[-1]], atol=1e-4)
-    return ops.convert_to_numpy(inputs)[..., :-model.outputs[0].shape[-1]], similarity, read_weights
+    features = ops.convert_to_numpy(inputs)[..., :model.get_layer("image_features").output.shape[-1]]
+    return features, similarity, read_weights
 
 
 def auc(higher, lower):

@@ -35,8 +35,25 @@ def test_the_recurrence_sees_each_images_features_then_the_one_hot_previous_labe
                                .reshape(2, 6, -1), atol=1e-5)
 
 
+def test_feature_match_gives_each_step_its_best_cosine_with_the_earlier_images_features():
+    model = build_model(parse_args([*TINY, "--feature_match"]))
+    images, previous = episode_inputs(2, np.random.default_rng(0))
+    images[0, 3] = images[0, 1]  # the same drawing again: a cosine of 1
+    entering = keras.Model(model.inputs, recurrence_of(model).input).predict([images, previous], verbose=0)
+    features = entering[..., :-4]
+    assert entering.shape == (2, 6, 2 * 2 * 32 + 3 + 1) and features.min() >= 0
+
+    expected = np.zeros([2, 6])
+    for episode, step in np.ndindex(2, 6):
+        for earlier in range(step):
+            a, b = features[episode, step], features[episode, earlier]
+            expected[episode, step] = max(expected[episode, step], a @ b / np.linalg.norm(a) / np.linalg.norm(b))
+    np.testing.assert_allclose(entering[..., -1], expected, atol=1e-5)
+    assert entering[0, 3, -1] == pytest.approx(1, abs=1e-5) and entering[:, 0, -1].tolist() == [0, 0]
+
+
 @pytest.mark.parametrize("flags", [["--read_heads=2", "--read_sharpness=3"], ["--read_match"],
-                                   ["--read_heads=2", "--read_strength"]])
+                                   ["--read_heads=2", "--read_strength", "--feature_match"]])
 def test_fused_and_plain_recurrence_give_the_same_predictions_and_gradients(flags):
     args = parse_args([*TINY, *flags])
     # Seeded: the best match's max has a kink, and with unseeded weights a rare near-tie of two cells lets the
@@ -62,7 +79,7 @@ def test_fused_and_plain_recurrence_give_the_same_predictions_and_gradients(flag
 
 def test_saved_model_loads_with_plain_keras_and_predicts_the_same(tmp_path):
     args = parse_args([*TINY, "--read_heads=2", "--read_sharpness=3", "--read_match", "--read_strength",
-                       "--cnn_filters=4,6,8", "--learning_rate=0.003"])
+                       "--feature_match", "--cnn_filters=4,6,8", "--learning_rate=0.003"])
     model = build_model(args)
     inputs = episode_inputs(2, np.random.default_rng(0))
     model.save(tmp_path / "model.keras")
