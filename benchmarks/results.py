@@ -67,6 +67,8 @@ RUNS = {
     "match-best-5way": BEST + ["--read_match"],
     # A sharpness the controller sets itself, every step and head, on top of the recipe's.
     "strength-best-5way": BEST + ["--read_strength"],
+    # The CNN's features as a novelty signal, first on the default budget against sharpness-5way.
+    "feature-match-sharpness-5way": ["--classes=5", "--read_sharpness=5", "--feature_match"],
     # 15-way episodes (150 steps, 150 cells) on the best recipe, as many epochs as an hour holds.
     "best-15way": ["--classes=15"] + BEST[1:-1] + ["--epochs=15"],
 }
