@@ -52,7 +52,8 @@ def softplus(x):
 def inside_the_reads(model, images, previous):
     """The model's recurrence run again to see inside: the CNN's features `[episodes, steps, features]`, and
     each head's cosine similarities and read weights `[episodes, heads, steps t, steps u]` of the key at step t
-    with the cell written at step u (at u >= t, an empty cell)."""
+    with the cell written at step u (at u >= t, an empty cell), and each read's sharpness `[episodes, heads,
+    steps]`."""
     rnn = next(layer for layer in model.layers if isinstance(getattr(layer, "cell", None), MemoryAugmentedLSTM))
     cell = rnn.cell
     inputs = keras.Model(model.inputs, rnn.input)((images, previous))  # the CNN's features first
@@ -77,7 +78,7 @@ def inside_the_reads(model, images, previous):
     reads = np.einsum("bhtu,buc->bthc", read_weights * written, writes).reshape(episodes, steps, -1)
     np.testing.assert_allclose(reads, read_values[..., :reads.shape[-1]], atol=1e-4)
     features = ops.convert_to_numpy(inputs)[..., :model.get_layer("image_features").output.shape[-1]]
-    return features, similarity, read_weights
+    return features, similarity, read_weights, sharpness[..., 0]
 
 
 def auc(higher, lower):
@@ -92,6 +93,7 @@ def main(path, args):
     model = load_trained_model(path, args.classes, args.images_per_class)
     answered_seen, right, labels_seen = [], [], []  # at each first occurrence
     best_matches = {}  # name: best matches at first occurrences (but the first step), and at second ones
+    sharpnesses = []  # [episodes, heads, steps]: each read's sharpness, learned with --read_strength
     preferences = {}  # head: read weight per labelled cell, and per same-class cell, against per written cell
     nearest_right = []  # whether the CNN's nearest earlier image at a second occurrence is of its class
     batches = validation_batches(Omniglot().test, args.classes, args.images_per_class, args.batch_size,
@@ -107,7 +109,8 @@ def main(path, args):
         right.append((guesses == labels)[first])
         labels_seen.append(seen_before.sum(axis=-1)[first])
 
-        features, similarity, read_weights = inside_the_reads(model, images, previous)
+        features, similarity, read_weights, sharpness = inside_the_reads(model, images, previous)
+        sharpnesses.append(sharpness)
         written = np.tri(labels.shape[1], k=-1, dtype=bool)  # [t, u]: u < t
         same_class = (labels[:, :, None] == labels[:, None, :]) & written  # [episode, t, u]
         labelled = np.pad(same_class[..., :-1], [[0, 0], [0, 0], [1, 0]]) & written  # step u - 1 of t's class
@@ -142,6 +145,12 @@ def main(path, args):
         by_label, by_image = np.concatenate(by_label).mean(), np.concatenate(by_image).mean()
         print(f"  read head {head + 1}: written right after an image of the class {by_label:.4f}, "
               f"written at one {by_image:.4f}")
+    sharpnesses = np.concatenate(sharpnesses)
+    print("each read's sharpness (learned with --read_strength):")
+    for head in range(sharpnesses.shape[1]):
+        low, high = np.percentile(sharpnesses[:, head], [5, 95])
+        print(f"  read head {head + 1}: sharpness {sharpnesses[:, head].mean():.4f} on average, "
+              f"{low:.4f} to {high:.4f} in 90% of the reads")
     print("best match, mean at 1st / 2nd occurrences, and its AUC (2nd above 1st):")
     for name, (at_first, at_second) in best_matches.items():
         at_first, at_second = np.concatenate(at_first), np.concatenate(at_second)
