@@ -429,6 +429,11 @@ class MemoryAugmentedLSTM(keras.layers.Layer):
         recurrent = ops.concatenate([self.controller.recurrent_kernel, self.controller.kernel[self.input_size:]])
         return recurrent, self.interface_layer.kernel, self.interface_layer.bias
 
+    def sharpness(self, interface):
+        """The factor of the read's cosines, from a step's activated interface: `read_sharpness`, or with
+        `read_strength` each head's (batch, read_heads, 1), `read_sharpness` plus its strength."""
+        return self.read_sharpness + interface[:, self.keys_end:, None] if self.read_strength else self.read_sharpness
+
     def _read(self, memory, read_keys, sharpness=None):
         """Returns the read value (batch, read_size) and the read weights (batch, read_heads, cells)."""
         # memory: (batch, memory_cells, cell_size), read_keys: (batch, read_heads, cell_size),
@@ -471,10 +476,9 @@ class MemoryAugmentedLSTM(keras.layers.Layer):
         batch_size = ops.shape(h)[0]
         read_keys = ops.reshape(interface[:, self.cell_size:self.keys_end],
                                 (batch_size, self.read_heads, self.cell_size))
-        sharpness = self.read_sharpness + interface[:, self.keys_end:, None] if self.read_strength else None
 
         # Read the memory as it was, then write.
-        read_value, read_weights = self._read(state.memory, read_keys, sharpness)
+        read_value, read_weights = self._read(state.memory, read_keys, self.sharpness(interface))
         memory = self._write(state.memory, write_value)
         return CellState(h, c, read_value, memory), StepActivations(ops.concatenate(gates, axis=-1), interface,
                                                                     read_weights)
@@ -998,12 +1002,12 @@ class MemoryAugmentedRNN(keras.layers.RNN):
         # The read: read_value = read_weights @ memory, read_weights = softmax(sharpness * unit keys @ unit cells).
         unit_keys, key_norms = unit_vectors(ops.reshape(interface[:, cell.cell_size:cell.keys_end], heads_shape))
         unit_cells, cell_norms = unit_vectors(step.memory_before)
-        similarity = ops.einsum("bhc,bmc->bhm", unit_keys, unit_cells)
+        if cell.read_match or cell.read_strength:
+            similarity = ops.einsum("bhc,bmc->bhm", unit_keys, unit_cells)
         strengths = interface[:, cell.keys_end:]  # (batch, read_heads) with read_strength, else empty
         d_read_weights = ops.einsum("bhc,bmc->bhm", d_read_value, step.memory_before)
         d_logits = read_weights * (d_read_weights - ops.sum(read_weights * d_read_weights, -1, keepdims=True))
-        d_similarity = (cell.read_sharpness + strengths[..., None] if cell.read_strength
-                        else cell.read_sharpness) * d_logits
+        d_similarity = cell.sharpness(interface) * d_logits
         if cell.read_match:
             # The best match, max over cells of the similarity: its gradient goes to the best cells, shared
             # equally among ties (empty cells all tie at 0), as TensorFlow differentiates a max.
