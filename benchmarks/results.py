@@ -70,6 +70,8 @@ RUNS = {
     # The CNN's features as a novelty signal, first on the default budget against sharpness-5way.
     "feature-match-sharpness-5way": ["--classes=5", "--read_sharpness=5", "--feature_match"],
     "feature-match-sharpness-5way-seed1": ["--classes=5", "--read_sharpness=5", "--feature_match", "--seed=1"],
+    # ... then on the best recipe.
+    "feature-match-best-5way": BEST + ["--feature_match"],
     # 15-way episodes (150 steps, 150 cells) on the best recipe, as many epochs as an hour holds.
     "best-15way": ["--classes=15"] + BEST[1:-1] + ["--epochs=15"],
 }
