@@ -84,6 +84,9 @@ model_flags.add_argument("--read_match", default=False, action="store_true",
 model_flags.add_argument("--feature_match", default=False, action="store_true",
                          help="Give the controller each image's best cosine with the CNN features of the earlier "
                               "images.")
+model_flags.add_argument("--feature_labels", default=False, action="store_true",
+                         help="Give the controller the earlier images' labels, weighted by a softmax of their "
+                              "features' cosines with each image's: a nearest-neighbour vote.")
 model_flags.add_argument("--read_strength", default=False, action="store_true",
                          help="Let the controller sharpen each read every step: --read_sharpness plus a learned "
                               "softplus.")
@@ -113,7 +116,8 @@ MINIMUM = {"classes": 2, "images_per_class": 1, "train_episodes": 1, "test_episo
            "cell_size": 1, "read_heads": 0, "batch_size": 1, "epochs": 1, "seed": 0, "threads": 0}
 # What --evaluate ignores: the model file has its own architecture, and nothing is trained or written.
 TRAINING_ONLY = ["train_episodes", "rotations", "shift", "cnn_filters", "lstm_dim", "cell_size", "read_heads",
-                 "read_sharpness", "read_match", "feature_match", "read_strength", "learning_rate",
+                 "read_sharpness", "read_match", "feature_match", "feature_labels",
+                 "read_strength", "learning_rate",
                  "learning_rate_decay", "epochs", "checkpoint_dir", "logdir", "save_model"]
 
 
@@ -528,6 +532,42 @@ def best_earlier_match(features):
     return ops.max(ops.where(earlier, similarity, 0.0), axis=-1, keepdims=True)
 
 
+@keras.saving.register_keras_serializable(package="learning_to_learn")
+class EarlierLabelVote(keras.layers.Layer):
+    """Each step's vote `[episodes, steps, classes]` among the labels of its episode's earlier images: a softmax
+    over them of a learned `sharpness` times the cosine of their features `[episodes, steps, features]` with
+    the step's own, 0 at the first step.
+
+    The label of image u enters as the previous label of step u + 1, so a step votes only with labels it
+    has been given. Trained through the vote, the CNN learns features that put drawings of one character
+    together, as in matching networks (Vinyals et al., 2016).
+    """
+
+    def __init__(self, classes, **kwargs):
+        super().__init__(**kwargs)
+        self.classes = classes
+
+    def build(self, input_shape):
+        # Cosines lie in [0, 1]: times 1 the softmax would be nearly even whatever matches.
+        self.sharpness = self.add_weight(shape=(), initializer=keras.initializers.Constant(10.0), name="sharpness")
+
+    def call(self, features, previous_labels):
+        units = unit_vectors(features)[0]
+        similarity = ops.einsum("btf,buf->btu", units, units)
+        steps = features.shape[1]
+        earlier = np.tri(steps, k=-1, dtype=bool)  # [t, u]: u < t
+        weights = ops.softmax(ops.where(earlier, self.sharpness * similarity, -1e9), axis=-1)
+        weights = ops.where(earlier, weights, 0.0)  # the first step, with nothing earlier, votes for nothing
+        labels = ops.one_hot(previous_labels[:, 1:], self.classes)  # image u's label; the last image's is unused
+        labels = ops.pad(labels, [[0, 0], [0, 1], [0, 0]])
+        return ops.einsum("btu,buc->btc", weights, labels)
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(classes=self.classes)
+        return config
+
+
 def steps_per_epoch(train_episodes, batch_size):
     """Training batches an epoch: the last one may hold fewer episodes."""
     return math.ceil(train_episodes / batch_size)
@@ -549,6 +589,9 @@ def build_model(args, fused=True):
     inputs = ops.concatenate([features, ops.one_hot(labels, args.classes)], axis=-1)  # label -1: all zeros
     if args.feature_match:
         inputs = ops.concatenate([inputs, best_earlier_match(features)], axis=-1)
+    if args.feature_labels:
+        vote = EarlierLabelVote(args.classes, name="earlier_label_vote")
+        inputs = ops.concatenate([inputs, vote(features, labels)], axis=-1)
 
     cell = MemoryAugmentedLSTM(args.lstm_dim, memory_cells=steps, cell_size=args.cell_size,
                                read_heads=args.read_heads, read_sharpness=args.read_sharpness,

@@ -52,8 +52,29 @@ def test_feature_match_gives_each_step_its_best_cosine_with_the_earlier_images_f
     assert entering[0, 3, -1] == pytest.approx(1, abs=1e-5) and entering[:, 0, -1].tolist() == [0, 0]
 
 
+def test_feature_labels_give_each_step_the_softmax_vote_of_the_earlier_images_labels():
+    model = build_model(parse_args([*TINY, "--feature_match", "--feature_labels"]))
+    model.get_layer("earlier_label_vote").sharpness.assign(7.0)
+    images, previous = episode_inputs(2, np.random.default_rng(0))
+    entering = keras.Model(model.inputs, recurrence_of(model).input).predict([images, previous], verbose=0)
+    features, best_match, votes = entering[..., :-7], entering[..., -4], entering[..., -3:]
+
+    expected = np.zeros([2, 6, 3])
+    for episode, step in np.ndindex(2, 6):
+        if step == 0:
+            continue
+        cosines = np.array([features[episode, step] @ features[episode, u] / np.linalg.norm(features[episode, step])
+                            / np.linalg.norm(features[episode, u]) for u in range(step)])
+        weights = np.exp(7 * cosines) / np.exp(7 * cosines).sum()
+        for u in range(step):
+            expected[episode, step, previous[episode, u + 1]] += weights[u]  # image u's label
+    np.testing.assert_allclose(votes, expected, atol=1e-5)
+    np.testing.assert_allclose(votes[:, 1:].sum(-1), 1, atol=1e-5)
+    assert best_match.max() <= 1 + 1e-5  # the best match still comes before the vote
+
+
 @pytest.mark.parametrize("flags", [["--read_heads=2", "--read_sharpness=3"], ["--read_match"],
-                                   ["--read_heads=2", "--read_strength", "--feature_match"]])
+                                   ["--read_heads=2", "--read_strength", "--feature_match", "--feature_labels"]])
 def test_fused_and_plain_recurrence_give_the_same_predictions_and_gradients(flags):
     args = parse_args([*TINY, *flags])
     # Seeded: the best match's max has a kink, and with unseeded weights a rare near-tie of two cells lets the
@@ -79,8 +100,9 @@ def test_fused_and_plain_recurrence_give_the_same_predictions_and_gradients(flag
 
 def test_saved_model_loads_with_plain_keras_and_predicts_the_same(tmp_path):
     args = parse_args([*TINY, "--read_heads=2", "--read_sharpness=3", "--read_match", "--read_strength",
-                       "--feature_match", "--cnn_filters=4,6,8", "--learning_rate=0.003"])
+                       "--feature_match", "--feature_labels", "--cnn_filters=4,6,8", "--learning_rate=0.003"])
     model = build_model(args)
+    model.get_layer("earlier_label_vote").sharpness.assign(4.5)  # not its initial value
     inputs = episode_inputs(2, np.random.default_rng(0))
     model.save(tmp_path / "model.keras")
     loaded = keras.models.load_model(tmp_path / "model.keras")
@@ -92,6 +114,7 @@ def test_saved_model_loads_with_plain_keras_and_predicts_the_same(tmp_path):
     # 3x3 valid convolutions of stride 2 take 28 pixels to 13, 6 and 2: 2 x 2 x 8 features.
     assert cnn.output.shape[-1] == 2 * 2 * 8
     assert float(loaded.optimizer.learning_rate) == pytest.approx(0.003)
+    assert float(loaded.get_layer("earlier_label_vote").sharpness) == 4.5
 
 
 def test_cosine_decay_takes_the_learning_rate_to_zero_at_the_last_step():
