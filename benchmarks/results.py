@@ -72,6 +72,8 @@ RUNS = {
     "feature-match-sharpness-5way-seed1": ["--classes=5", "--read_sharpness=5", "--feature_match", "--seed=1"],
     # ... then on the best recipe.
     "feature-match-best-5way": BEST + ["--feature_match"],
+    # With the earlier images' labels, voted by those cosines: one change from feature-match-sharpness-5way.
+    "feature-labels-sharpness-5way": ["--classes=5", "--read_sharpness=5", "--feature_match", "--feature_labels"],
     # 15-way episodes (150 steps, 150 cells) on the best recipe, as many epochs as an hour holds.
     "best-15way": ["--classes=15"] + BEST[1:-1] + ["--epochs=15"],
 }
