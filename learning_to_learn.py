@@ -519,6 +519,13 @@ def image_features(conv_filters):
     return keras.Sequential(layers + [keras.layers.Flatten()], name="image_features")
 
 
+def earlier_cosines(features):
+    """The cosine of each step's image features `[episodes, steps, features]` with every step's,
+    `[episodes, steps, steps]`, and which of them came earlier in the episode, `[steps, steps]`."""
+    units = unit_vectors(features)[0]
+    return ops.einsum("btf,buf->btu", units, units), np.tri(features.shape[1], k=-1, dtype=bool)
+
+
 def best_earlier_match(features):
     """Each step's largest cosine similarity between its image's features `[episodes, steps, features]` and those
     of the earlier images of its episode, `[episodes, steps, 1]`: 0 at the first step, where nothing came before.
@@ -526,9 +533,7 @@ def best_earlier_match(features):
     Unlike a read, it needs no memory: all images of an episode are known from the start.
     A CNN ending in a ReLU has no negative features, so no cosine lies below 0.
     """
-    units = unit_vectors(features)[0]
-    similarity = ops.einsum("btf,buf->btu", units, units)
-    earlier = np.tri(features.shape[1], k=-1, dtype=bool)  # [t, u]: u < t
+    similarity, earlier = earlier_cosines(features)
     return ops.max(ops.where(earlier, similarity, 0.0), axis=-1, keepdims=True)
 
 
@@ -539,7 +544,7 @@ class EarlierLabelVote(keras.layers.Layer):
     the step's own, 0 at the first step.
 
     The label of image u enters as the previous label of step u + 1, so a step votes only with labels it
-    has been given. Trained through the vote, the CNN learns features that put drawings of one character
+    has been given. Trained through the vote, the CNN is pushed to put the drawings of one character
     together, as in matching networks (Vinyals et al., 2016).
     """
 
@@ -552,10 +557,7 @@ class EarlierLabelVote(keras.layers.Layer):
         self.sharpness = self.add_weight(shape=(), initializer=keras.initializers.Constant(10.0), name="sharpness")
 
     def call(self, features, previous_labels):
-        units = unit_vectors(features)[0]
-        similarity = ops.einsum("btf,buf->btu", units, units)
-        steps = features.shape[1]
-        earlier = np.tri(steps, k=-1, dtype=bool)  # [t, u]: u < t
+        similarity, earlier = earlier_cosines(features)
         weights = ops.softmax(ops.where(earlier, self.sharpness * similarity, -1e9), axis=-1)
         weights = ops.where(earlier, weights, 0.0)  # the first step, with nothing earlier, votes for nothing
         labels = ops.one_hot(previous_labels[:, 1:], self.classes)  # image u's label; the last image's is unused
