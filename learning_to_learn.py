@@ -116,8 +116,7 @@ MINIMUM = {"classes": 2, "images_per_class": 1, "train_episodes": 1, "test_episo
            "cell_size": 1, "read_heads": 0, "batch_size": 1, "epochs": 1, "seed": 0, "threads": 0}
 # What --evaluate ignores: the model file has its own architecture, and nothing is trained or written.
 TRAINING_ONLY = ["train_episodes", "rotations", "shift", "cnn_filters", "lstm_dim", "cell_size", "read_heads",
-                 "read_sharpness", "read_match", "feature_match", "feature_labels",
-                 "read_strength", "learning_rate",
+                 "read_sharpness", "read_match", "feature_match", "feature_labels", "read_strength", "learning_rate",
                  "learning_rate_decay", "epochs", "checkpoint_dir", "logdir", "save_model"]
 
 
