@@ -75,6 +75,7 @@ RUNS = {
     # With the earlier images' labels, voted by those cosines: one change from feature-match-sharpness-5way.
     "feature-labels-sharpness-5way": ["--classes=5", "--read_sharpness=5", "--feature_match", "--feature_labels"],
     "feature-labels-best-5way": BEST + ["--feature_match", "--feature_labels"],
+    "feature-labels-best-5way-seed1": BEST + ["--feature_match", "--feature_labels", "--seed=1"],
     # 15-way episodes (150 steps, 150 cells) on the best recipe, as many epochs as an hour holds.
     "best-15way": ["--classes=15"] + BEST[1:-1] + ["--epochs=15"],
     "feature-labels-best-15way": ["--classes=15"] + BEST[1:-1] + ["--feature_match", "--feature_labels", "--epochs=15"],
