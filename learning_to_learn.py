@@ -73,7 +73,10 @@ data.add_argument("--test_episodes", default=1000, type=int, metavar="N",
                   help="Validation episodes, the same every epoch.")
 model_flags = parser.add_argument_group("model")
 model_flags.add_argument("--cnn_filters", default="8,16,32", metavar="A,B,C",
-                         help="Filters of the CNN's three convolutions.")
+                         help="Filters of the CNN's convolutions, one number a convolution.")
+model_flags.add_argument("--cnn_pooling", default=False, action="store_true",
+                         help="Convolve with stride 1 and 'same' padding, then max-pool by 2: with "
+                              "--cnn_filters=64,64,64,64 the standard few-shot encoder.")
 model_flags.add_argument("--lstm_dim", default=256, type=int, metavar="N", help="Units of the LSTM controller.")
 model_flags.add_argument("--cell_size", default=40, type=int, metavar="N", help="Units of one memory cell.")
 model_flags.add_argument("--read_heads", default=1, type=int, metavar="N", help="Memory reads per step.")
@@ -115,7 +118,8 @@ output.add_argument("--evaluate", default=None, metavar="PATH",
 MINIMUM = {"classes": 2, "images_per_class": 1, "train_episodes": 1, "test_episodes": 1, "shift": 0, "lstm_dim": 1,
            "cell_size": 1, "read_heads": 0, "batch_size": 1, "epochs": 1, "seed": 0, "threads": 0}
 # What --evaluate ignores: the model file has its own architecture, and nothing is trained or written.
-TRAINING_ONLY = ["train_episodes", "rotations", "shift", "cnn_filters", "lstm_dim", "cell_size", "read_heads",
+TRAINING_ONLY = ["train_episodes", "rotations", "shift", "cnn_filters", "cnn_pooling", "lstm_dim", "cell_size",
+                 "read_heads",
                  "read_sharpness", "read_match", "feature_match", "feature_labels", "read_strength", "learning_rate",
                  "learning_rate_decay", "epochs", "checkpoint_dir", "logdir", "save_model"]
 
@@ -143,10 +147,15 @@ def parse_args(argv=None):
         parser.error(f"argument --evaluate: it only evaluates the saved model, so {', '.join(ignored)} "
                      "would be ignored: leave them out")
     filters = args.cnn_filters.split(",")
-    if len(filters) != 3 or not all(count.strip().isdigit() and int(count) > 0 for count in filters):
+    if not all(count.strip().isdigit() and int(count) > 0 for count in filters):
         parser.error(f"argument --cnn_filters: invalid value {args.cnn_filters!r}: "
-                     "expected three integers above 0, as in 8,16,32")
+                     "expected integers above 0, one a convolution, as in 8,16,32")
     args.cnn_filters = [int(count) for count in filters]
+    if image_side(len(filters), args.cnn_pooling) < 1:
+        most = max(layers for layers in range(1, 10) if image_side(layers, args.cnn_pooling) >= 1)
+        parser.error(f"argument --cnn_filters: invalid value {','.join(filters)!r}: {len(filters)} convolutions "
+                     f"leave no pixel of a {Omniglot.H}x{Omniglot.W} image; at most {most} "
+                     f"{'with' if args.cnn_pooling else 'without'} --cnn_pooling")
 
     if args.save_model and not args.save_model.endswith(".keras"):
         refuse_path("save_model", "expected a name ending in .keras")
@@ -506,16 +515,31 @@ class MemoryAugmentedLSTM(keras.layers.Layer):
 
 # The model
 
-def image_features(conv_filters):
-    """The CNN applied to every image on its own: `[images, H, W, C]` -> `[images, features]`."""
+def image_features(conv_filters, pooling=False):
+    """The CNN applied to every image on its own: `[images, H, W, C]` -> `[images, features]`.
+
+    The assignment's convolutions have stride 2 and no padding; with `pooling`, each block is the one of
+    matching and prototypical networks (Vinyals et al., 2016; Snell et al., 2017): a convolution keeping
+    the image's size, then a 2x2 max-pooling, which costs about 4 times the multiplications a filter.
+    """
     layers = [keras.Input([Omniglot.H, Omniglot.W, Omniglot.C])]
     for filters in conv_filters:
-        layers += [
-            keras.layers.Conv2D(filters, 3, strides=2, padding="valid", use_bias=False),
-            keras.layers.BatchNormalization(),
-            keras.layers.ReLU(),
-        ]
+        if pooling:
+            convolution = keras.layers.Conv2D(filters, 3, padding="same", use_bias=False)
+        else:
+            convolution = keras.layers.Conv2D(filters, 3, strides=2, padding="valid", use_bias=False)
+        layers += [convolution, keras.layers.BatchNormalization(), keras.layers.ReLU()]
+        if pooling:
+            layers.append(keras.layers.MaxPooling2D(2))
     return keras.Sequential(layers + [keras.layers.Flatten()], name="image_features")
+
+
+def image_side(convolutions, pooling):
+    """How many pixels a side of the image keeps after the CNN's `convolutions`."""
+    side = Omniglot.H
+    for _ in range(convolutions):
+        side = side // 2 if pooling else (side - 3) // 2 + 1
+    return side
 
 
 def earlier_cosines(features):
@@ -585,7 +609,8 @@ def build_model(args, fused=True):
     labels = keras.Input([steps], dtype="int32", name="previous_labels")
 
     # One pass of the CNN over all images of the batch, then back to episodes.
-    features = image_features(args.cnn_filters)(ops.reshape(images, (-1, Omniglot.H, Omniglot.W, Omniglot.C)))
+    cnn = image_features(args.cnn_filters, args.cnn_pooling)
+    features = cnn(ops.reshape(images, (-1, Omniglot.H, Omniglot.W, Omniglot.C)))
     features = ops.reshape(features, (-1, steps, features.shape[-1]))
     inputs = ops.concatenate([features, ops.one_hot(labels, args.classes)], axis=-1)  # label -1: all zeros
     if args.feature_match:

@@ -30,12 +30,16 @@ from omniglot_dataset import DataError, Omniglot
     ("--read_sharpness=inf", "argument --read_sharpness: invalid value inf: must be a finite number above 0"),
     ("--read_sharpness=sharp", "argument --read_sharpness: invalid float value: 'sharp'"),
     ("--read_sharpness=nan", "argument --read_sharpness: invalid value nan: must be a finite number above 0"),
-    ("--cnn_filters=8,16",
-     "argument --cnn_filters: invalid value '8,16': expected three integers above 0, as in 8,16,32"),
+    ("--cnn_filters=8,,32",
+     "argument --cnn_filters: invalid value '8,,32': expected integers above 0, one a convolution, as in 8,16,32"),
     ("--cnn_filters=8,x,32",
-     "argument --cnn_filters: invalid value '8,x,32': expected three integers above 0, as in 8,16,32"),
+     "argument --cnn_filters: invalid value '8,x,32': expected integers above 0, one a convolution, as in 8,16,32"),
     ("--cnn_filters=0,16,32",
-     "argument --cnn_filters: invalid value '0,16,32': expected three integers above 0, as in 8,16,32"),
+     "argument --cnn_filters: invalid value '0,16,32': expected integers above 0, one a convolution, as in 8,16,32"),
+    ("--cnn_filters=8,16,32,64", "argument --cnn_filters: invalid value '8,16,32,64': 4 convolutions leave no pixel "
+     "of a 28x28 image; at most 3 without --cnn_pooling"),
+    ("--cnn_pooling --cnn_filters=8,8,8,8,8", "argument --cnn_filters: invalid value '8,8,8,8,8': 5 convolutions "
+     "leave no pixel of a 28x28 image; at most 4 with --cnn_pooling"),
     ("--learning_rate=0", "argument --learning_rate: invalid value 0: must be a finite number above 0"),
     ("--learning_rate=-1e-3", "argument --learning_rate: invalid value -0.001: must be a finite number above 0"),
     ("--shift=-1", "argument --shift: invalid value -1: must be at least 0"),
@@ -54,7 +58,7 @@ from omniglot_dataset import DataError, Omniglot
 def test_bad_flag_is_refused_by_the_parser(flag, message, capsys, monkeypatch):
     monkeypatch.chdir(ROOT)
     with pytest.raises(SystemExit) as exit:
-        parse_args([flag])
+        parse_args(flag.split())
     assert exit.value.code == 2
     assert capsys.readouterr().err.splitlines()[-1] == f"{os.path.basename(sys.argv[0])}: error: {message}"
 

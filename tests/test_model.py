@@ -35,6 +35,28 @@ def test_the_recurrence_sees_each_images_features_then_the_one_hot_previous_labe
                                .reshape(2, 6, -1), atol=1e-5)
 
 
+def test_cnn_pooling_convolves_keeping_the_size_then_normalizes_rectifies_and_max_pools_by_two():
+    cnn = build_model(parse_args([*TINY, "--cnn_pooling", "--cnn_filters=3"])).get_layer("image_features")
+    convolution, normalization = cnn.layers[:2]
+    rng = np.random.default_rng(0)
+    for weight in [normalization.moving_mean, normalization.beta]:  # away from the initial 0s and 1s
+        weight.assign(rng.normal(size=3))
+    for weight in [normalization.moving_variance, normalization.gamma]:
+        weight.assign(rng.uniform(0.5, 2, size=3))
+    images = rng.random([2, 28, 28, 1], dtype=np.float32)
+
+    kernel, padded = convolution.kernel.numpy(), np.pad(images[..., 0], [(0, 0), (1, 1), (1, 1)])
+    convolved = sum(padded[:, dy:dy + 28, dx:dx + 28, None] * kernel[dy, dx, 0] for dy, dx in np.ndindex(3, 3))
+    normalized = ((convolved - normalization.moving_mean.numpy())
+                  / np.sqrt(normalization.moving_variance.numpy() + normalization.epsilon)
+                  * normalization.gamma.numpy() + normalization.beta.numpy())
+    pooled = np.maximum(normalized, 0).reshape(2, 14, 2, 14, 2, 3).max(axis=(2, 4))
+    np.testing.assert_allclose(cnn.predict(images, verbose=0), pooled.reshape(2, -1), atol=1e-5)
+    # Four blocks take 28 pixels to 14, 7, 3 and 1: as many features as the last block's filters.
+    four_blocks = build_model(parse_args([*TINY, "--cnn_pooling", "--cnn_filters=4,4,4,6"]))
+    assert four_blocks.get_layer("image_features").output.shape[-1] == 6
+
+
 def test_feature_match_gives_each_step_its_best_cosine_with_the_earlier_images_features():
     model = build_model(parse_args([*TINY, "--feature_match"]))
     images, previous = episode_inputs(2, np.random.default_rng(0))
