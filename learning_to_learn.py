@@ -72,7 +72,7 @@ data.add_argument("--shift", default=0, type=int, metavar="N",
 data.add_argument("--test_episodes", default=1000, type=int, metavar="N",
                   help="Validation episodes, the same every epoch.")
 model_flags = parser.add_argument_group("model")
-model_flags.add_argument("--cnn_filters", default="8,16,32", metavar="A,B,C",
+model_flags.add_argument("--cnn_filters", default="8,16,32", metavar="A,B,...",
                          help="Filters of the CNN's convolutions, one number a convolution.")
 model_flags.add_argument("--cnn_pooling", default=False, action="store_true",
                          help="Convolve with stride 1 and 'same' padding, then max-pool by 2: with "
@@ -119,9 +119,8 @@ MINIMUM = {"classes": 2, "images_per_class": 1, "train_episodes": 1, "test_episo
            "cell_size": 1, "read_heads": 0, "batch_size": 1, "epochs": 1, "seed": 0, "threads": 0}
 # What --evaluate ignores: the model file has its own architecture, and nothing is trained or written.
 TRAINING_ONLY = ["train_episodes", "rotations", "shift", "cnn_filters", "cnn_pooling", "lstm_dim", "cell_size",
-                 "read_heads",
-                 "read_sharpness", "read_match", "feature_match", "feature_labels", "read_strength", "learning_rate",
-                 "learning_rate_decay", "epochs", "checkpoint_dir", "logdir", "save_model"]
+                 "read_heads", "read_sharpness", "read_match", "feature_match", "feature_labels", "read_strength",
+                 "learning_rate", "learning_rate_decay", "epochs", "checkpoint_dir", "logdir", "save_model"]
 
 
 def parse_args(argv=None):
@@ -520,7 +519,7 @@ def image_features(conv_filters, pooling=False):
 
     The assignment's convolutions have stride 2 and no padding; with `pooling`, each block is the one of
     matching and prototypical networks (Vinyals et al., 2016; Snell et al., 2017): a convolution keeping
-    the image's size, then a 2x2 max-pooling, which costs about 4 times the multiplications a filter.
+    the image's size, then a 2x2 max-pooling. Of stride 1, a convolution has 4 times the outputs to compute.
     """
     layers = [keras.Input([Omniglot.H, Omniglot.W, Omniglot.C])]
     for filters in conv_filters:
