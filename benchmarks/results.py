@@ -79,6 +79,9 @@ RUNS = {
     # The few-shot CNN's blocks (max-pooled, 32 filters: 4.5 times the recipe's time a step), as far as 3 epochs go.
     "pooled-cnn-labels-sharpness-5way": ["--classes=5", "--read_sharpness=5", "--feature_match", "--feature_labels",
                                          "--cnn_pooling", "--cnn_filters=32,32,32,32", "--epochs=3"],
+    # ... and on the best recipe, as many epochs as an hour holds.
+    "pooled-cnn-best-5way": BEST[:-1] + ["--feature_match", "--feature_labels", "--cnn_pooling",
+                                         "--cnn_filters=32,32,32,32", "--epochs=11"],
     # 15-way episodes (150 steps, 150 cells) on the best recipe, as many epochs as an hour holds.
     "best-15way": ["--classes=15"] + BEST[1:-1] + ["--epochs=15"],
     "feature-labels-best-15way": ["--classes=15"] + BEST[1:-1] + ["--feature_match", "--feature_labels", "--epochs=15"],
