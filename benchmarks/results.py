@@ -84,6 +84,8 @@ RUNS = {
                                          "--cnn_filters=32,32,32,32", "--epochs=11"],
     "pooled-cnn-best-5way-12epochs": BEST[:-1] + ["--feature_match", "--feature_labels", "--cnn_pooling",
                                                   "--cnn_filters=32,32,32,32", "--epochs=12"],
+    "pooled-cnn-best-5way-seed1": BEST[:-1] + ["--feature_match", "--feature_labels", "--cnn_pooling",
+                                               "--cnn_filters=32,32,32,32", "--epochs=11", "--seed=1"],
     # 15-way episodes (150 steps, 150 cells) on the best recipe, as many epochs as an hour holds.
     "best-15way": ["--classes=15"] + BEST[1:-1] + ["--epochs=15"],
     "feature-labels-best-15way": ["--classes=15"] + BEST[1:-1] + ["--feature_match", "--feature_labels", "--epochs=15"],
