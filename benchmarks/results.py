@@ -36,6 +36,8 @@ METRICS = [f"val_{name}" for name in metric_names(OCCURRENCES[-1])]
 # Every run: its flags, and why it is there. Without --seed a run has the default 42.
 BEST = ["--classes=5", "--read_sharpness=5", "--rotations", "--read_heads=2", "--shift=2",
         "--learning_rate_decay=cosine", "--cell_size=80", "--epochs=60"]
+# BEST with the earlier labels' vote and the few-shot CNN of 32 filters, less its epochs.
+POOLED = BEST[:-1] + ["--feature_match", "--feature_labels", "--cnn_pooling", "--cnn_filters=32,32,32,32"]
 RUNS = {
     # The assignment's model and training.
     "default-5way": ["--classes=5"],
@@ -79,13 +81,10 @@ RUNS = {
     # The few-shot CNN's blocks (max-pooled, 32 filters: 4.5 times the recipe's time a step), as far as 3 epochs go.
     "pooled-cnn-labels-sharpness-5way": ["--classes=5", "--read_sharpness=5", "--feature_match", "--feature_labels",
                                          "--cnn_pooling", "--cnn_filters=32,32,32,32", "--epochs=3"],
-    # ... and on the best recipe, as many epochs as an hour holds.
-    "pooled-cnn-best-5way": BEST[:-1] + ["--feature_match", "--feature_labels", "--cnn_pooling",
-                                         "--cnn_filters=32,32,32,32", "--epochs=11"],
-    "pooled-cnn-best-5way-12epochs": BEST[:-1] + ["--feature_match", "--feature_labels", "--cnn_pooling",
-                                                  "--cnn_filters=32,32,32,32", "--epochs=12"],
-    "pooled-cnn-best-5way-seed1": BEST[:-1] + ["--feature_match", "--feature_labels", "--cnn_pooling",
-                                               "--cnn_filters=32,32,32,32", "--epochs=11", "--seed=1"],
+    # ... and on the best recipe with the vote: 11 epochs, then 12, as many as an hour holds.
+    "pooled-cnn-best-5way": POOLED + ["--epochs=11"],
+    "pooled-cnn-best-5way-12epochs": POOLED + ["--epochs=12"],
+    "pooled-cnn-best-5way-seed1": POOLED + ["--epochs=11", "--seed=1"],
     # 15-way episodes (150 steps, 150 cells) on the best recipe, as many epochs as an hour holds.
     "best-15way": ["--classes=15"] + BEST[1:-1] + ["--epochs=15"],
     "feature-labels-best-15way": ["--classes=15"] + BEST[1:-1] + ["--feature_match", "--feature_labels", "--epochs=15"],
