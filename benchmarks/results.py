@@ -90,7 +90,7 @@ RUNS = {
     "feature-labels-best-15way": ["--classes=15"] + BEST[1:-1] + ["--feature_match", "--feature_labels", "--epochs=15"],
 }
 BEST_RUN = "pooled-cnn-best-5way-12epochs"  # the headline's best recipe
-README_RUNS = ["default-5way", "default-2way", "pooled-cnn-best-5way", BEST_RUN,
+README_RUNS = ["default-5way", "default-2way", "pooled-cnn-best-5way", "pooled-cnn-best-5way-seed1", BEST_RUN,
                "feature-labels-best-15way"]
 CHART_RUNS = ["default-5way", "lstm-only-5way", "sharpness-5way", "best-5way", "feature-labels-best-5way", BEST_RUN]
 # 5-way, 10 drawings per class, at the 1st, 2nd, 5th and 10th occurrence: the assignment's example log
