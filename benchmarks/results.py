@@ -36,8 +36,9 @@ METRICS = [f"val_{name}" for name in metric_names(OCCURRENCES[-1])]
 # Every run: its flags, and why it is there. Without --seed a run has the default 42.
 BEST = ["--classes=5", "--read_sharpness=5", "--rotations", "--read_heads=2", "--shift=2",
         "--learning_rate_decay=cosine", "--cell_size=80", "--epochs=60"]
-# BEST with the earlier labels' vote and the few-shot CNN of 32 filters, less its epochs.
-POOLED = BEST[:-1] + ["--feature_match", "--feature_labels", "--cnn_pooling", "--cnn_filters=32,32,32,32"]
+# The few-shot CNN's blocks with 32 filters; BEST with the earlier labels' vote and that CNN, less its epochs.
+FEW_SHOT_CNN = ["--cnn_pooling", "--cnn_filters=32,32,32,32"]
+POOLED = BEST[:-1] + ["--feature_match", "--feature_labels"] + FEW_SHOT_CNN
 RUNS = {
     # The assignment's model and training.
     "default-5way": ["--classes=5"],
@@ -79,8 +80,8 @@ RUNS = {
     "feature-labels-best-5way": BEST + ["--feature_match", "--feature_labels"],
     "feature-labels-best-5way-seed1": BEST + ["--feature_match", "--feature_labels", "--seed=1"],
     # The few-shot CNN's blocks (max-pooled, 32 filters: 4.5 times the recipe's time a step), as far as 3 epochs go.
-    "pooled-cnn-labels-sharpness-5way": ["--classes=5", "--read_sharpness=5", "--feature_match", "--feature_labels",
-                                         "--cnn_pooling", "--cnn_filters=32,32,32,32", "--epochs=3"],
+    "pooled-cnn-labels-sharpness-5way": ["--classes=5", "--read_sharpness=5", "--feature_match", "--feature_labels"]
+                                        + FEW_SHOT_CNN + ["--epochs=3"],
     # ... and on the best recipe with the vote: 11 epochs, then 12, as many as an hour holds.
     "pooled-cnn-best-5way": POOLED + ["--epochs=11"],
     "pooled-cnn-best-5way-12epochs": POOLED + ["--epochs=12"],
