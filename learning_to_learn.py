@@ -42,6 +42,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 from keras import ops
+from tensorflow.python.framework.config import is_op_determinism_enabled  # what Keras asks before using XLA
 
 from omniglot_dataset import DataError, Omniglot, unwritable, write_atomically
 
@@ -637,9 +638,9 @@ def build_model(args, fused=True):
         loss=keras.losses.SparseCategoricalCrossentropy(),
         metrics=[keras.metrics.SparseCategoricalAccuracy(name="acc"),
                  *[NthOccurrenceAccuracy(nth) for nth in reported_occurrences(args.images_per_class)]],
-        # XLA fuses the many small ops of each recurrent step: 1.5x faster training on CPU. Graded
-        # runs do without it, since TF's op determinism does not cover XLA.
-        jit_compile=not args.recodex,
+        # XLA compiles the recurrence's loops alone (MemoryAugmentedRNN): the CNN's convolutions run faster
+        # in TensorFlow's own CPU kernels than in XLA's.
+        jit_compile=False,
     )
     return model
 
@@ -869,6 +870,7 @@ def load_trained_model(path, classes, images_per_class):
             warnings.filterwarnings("ignore", message="Skipping variable loading for optimizer")
             warnings.filterwarnings("ignore", message="Model doesn't support `jit_compile=True`")
             model = keras.models.load_model(path)
+        model.jit_compile = False  # as build_model compiles it, also if saved before it did
     except Exception as error:
         raise DataError(f"{path} is not a model saved by this program ({error})") from None
     if not any(isinstance(getattr(layer, "cell", None), MemoryAugmentedLSTM) for layer in model.layers):
@@ -1022,15 +1024,23 @@ class MemoryAugmentedRNN(keras.layers.RNN):
         """
         cell = self.cell
 
+        def compiled(loop):
+            # XLA fuses the many small ops of each step into a few kernels. Graded runs do without it, as Keras
+            # does for jit_compile, since TensorFlow's op determinism does not cover XLA.
+            return loop if is_op_determinism_enabled() else tf.function(loop, jit_compile=True)
+
         @tf.custom_gradient
-        def recurrence(projected, h, c, read_value, memory, *weights):
+        def recurrence(*inputs):
+            # The gradient is `backward`'s: an eager tape must not record the loop as well (through XLA it cannot).
+            projected, h, c, read_value, memory, *weights = [tf.stop_gradient(tensor) for tensor in inputs]
             # tf.scan stacks its whole carry: the states after each step, and what the backward pass keeps.
             batch_size = ops.shape(h)[0]
             nothing_yet = StepActivations(ops.zeros_like(projected[0]),
                                           ops.zeros((batch_size, cell.interface_size)),
                                           ops.zeros((batch_size, cell.read_heads, cell.memory_cells)))
-            after, activations = tf.scan(lambda carry, projected_input: cell.step(projected_input, carry[0], weights),
-                                         projected, initializer=(CellState(h, c, read_value, memory), nothing_yet))
+            after, activations = compiled(lambda: tf.scan(
+                lambda carry, projected_input: cell.step(projected_input, carry[0], weights),
+                projected, initializer=(CellState(h, c, read_value, memory), nothing_yet)))()
             c_before = ops.concatenate([c[None], after.c[:-1]])  # (steps, batch, units)
             memory_before = ops.concatenate([memory[None], after.memory[:-1]])  # (steps, batch, cells, cell_size)
 
@@ -1040,9 +1050,9 @@ class MemoryAugmentedRNN(keras.layers.RNN):
                                           d_memory_last, ops.zeros_like(activations.gates[0]),
                                           ops.zeros_like(activations.interface[0]))
                 records = StepRecord(d_hs, d_read_values, c_before, after.c, memory_before, activations)
-                d = tf.scan(lambda d_after, record: self._step_backward(d_after, record, recurrent_kernel,
-                                                                        interface_kernel),
-                            records, initializer=from_last, reverse=True)
+                d = compiled(lambda: tf.scan(
+                    lambda d_after, record: self._step_backward(d_after, record, recurrent_kernel, interface_kernel),
+                    records, initializer=from_last, reverse=True))()
 
                 # Each weight's gradient: one product over all steps and episodes.
                 h_read_before = ops.concatenate([ops.concatenate([h[None], after.h[:-1]]),
