@@ -88,6 +88,7 @@ RUNS = {
     "pooled-cnn-best-5way-seed1": POOLED + ["--epochs=11", "--seed=1"],
     # The CNN's convolutions outside XLA: 14 epochs in the hour.
     "pooled-cnn-best-5way-14epochs": POOLED + ["--epochs=14"],
+    "pooled-cnn-best-5way-14epochs-seed1": POOLED + ["--epochs=14", "--seed=1"],
     # 15-way episodes (150 steps, 150 cells) on the best recipe, as many epochs as an hour holds.
     "best-15way": ["--classes=15"] + BEST[1:-1] + ["--epochs=15"],
     "feature-labels-best-15way": ["--classes=15"] + BEST[1:-1] + ["--feature_match", "--feature_labels", "--epochs=15"],
