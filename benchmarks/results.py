@@ -88,7 +88,6 @@ RUNS = {
     "pooled-cnn-best-5way-seed1": POOLED + ["--epochs=11", "--seed=1"],
     # The CNN's convolutions outside XLA: 14 epochs in the hour.
     "pooled-cnn-best-5way-14epochs": POOLED + ["--epochs=14"],
-    "pooled-cnn-best-5way-14epochs-seed1": POOLED + ["--epochs=14", "--seed=1"],
     # Blocks of 48 filters (the CNN twice the time a batch): 9 epochs in the hour.
     "pooled-cnn48-best-5way": POOLED[:-1] + ["--cnn_filters=48,48,48,48", "--epochs=9"],
     # 15-way episodes (150 steps, 150 cells) on the best recipe, as many epochs as an hour holds.
