@@ -99,6 +99,9 @@ training.add_argument("--batch_size", default=16, type=int, metavar="N", help="E
 training.add_argument("--learning_rate", default=0.001, type=float, metavar="X", help="Adam's learning rate.")
 training.add_argument("--learning_rate_decay", default="none", choices=["none", "cosine"],
                       help="How the learning rate falls: not at all, or along a cosine to 0 at the last step.")
+training.add_argument("--first_occurrence_weight", default=1.0, type=float, metavar="X",
+                      help="Weigh the training loss X times at each class's first drawing in an episode: above 1, "
+                           "the model answers with an unused label more readily, at some cost at the 2nd.")
 training.add_argument("--epochs", default=20, type=int, metavar="N", help="Training epochs.")
 training.add_argument("--seed", default=42, type=int, metavar="N",
                       help="Random seed of the weights and training episodes, 0 to 2**32 - 1.")
@@ -121,7 +124,8 @@ MINIMUM = {"classes": 2, "images_per_class": 1, "train_episodes": 1, "test_episo
 # What --evaluate ignores: the model file has its own architecture, and nothing is trained or written.
 TRAINING_ONLY = ["train_episodes", "rotations", "shift", "cnn_filters", "cnn_pooling", "lstm_dim", "cell_size",
                  "read_heads", "read_sharpness", "read_match", "feature_match", "feature_labels", "read_strength",
-                 "learning_rate", "learning_rate_decay", "epochs", "checkpoint_dir", "logdir", "save_model"]
+                 "first_occurrence_weight", "learning_rate", "learning_rate_decay", "epochs", "checkpoint_dir",
+                 "logdir", "save_model"]
 
 
 def parse_args(argv=None):
@@ -139,7 +143,7 @@ def parse_args(argv=None):
             refuse(flag, getattr(args, flag), f"must be at least {minimum}")
     if args.seed >= 2**32:
         refuse("seed", args.seed, f"must be at most {2**32 - 1}")
-    for flag in ["read_sharpness", "learning_rate"]:
+    for flag in ["read_sharpness", "learning_rate", "first_occurrence_weight"]:
         if not 0 < getattr(args, flag) < math.inf:  # nan too
             refuse(flag, f"{getattr(args, flag):g}", "must be a finite number above 0")
     if args.evaluate and (ignored := [f"--{flag}" for flag in TRAINING_ONLY
@@ -291,12 +295,15 @@ def validation_batches(dataset, classes, images_per_class, batch_size, episodes)
                        .batch(batch_size), dataset)
 
 
-def training_batches(dataset, classes, images_per_class, batch_size, episodes, seed, epochs, shift=0):
+def training_batches(dataset, classes, images_per_class, batch_size, episodes, seed, epochs, shift=0,
+                     first_occurrence_weight=1.0):
     """The batches of `episodes` fresh episodes an epoch, for each epoch of the `range` `epochs`, one after another.
 
     An epoch's episodes, and the moves of its images by up to `shift` pixels,
     are drawn with the seed `(seed, epoch)` alone: a resumed run sees the
     epochs it has left as an uninterrupted run does. `fit` needs `steps_per_epoch`.
+    With a `first_occurrence_weight` other than 1, each batch also carries the
+    loss weights of its steps: that weight at a class's first drawing, 1 elsewhere.
     """
     steps = episode_length(classes, images_per_class)
 
@@ -312,7 +319,15 @@ def training_batches(dataset, classes, images_per_class, batch_size, episodes, s
         arrays.append(tf.ensure_shape(offsets, (episodes, steps, 2)))
         return tf.data.Dataset.from_tensor_slices(tuple(arrays)).batch(batch_size)
 
-    return with_images(tf.data.Dataset.range(epochs.start, epochs.stop).flat_map(epoch_batches), dataset, shift)
+    batches = with_images(tf.data.Dataset.range(epochs.start, epochs.stop).flat_map(epoch_batches), dataset, shift)
+    if first_occurrence_weight == 1:
+        return batches
+
+    def with_loss_weights(inputs, labels):
+        first = occurrences(labels, classes) == 1
+        return inputs, labels, ops.where(first, first_occurrence_weight, 1.0)
+
+    return batches.map(with_loss_weights)
 
 
 # The metric
@@ -951,7 +966,8 @@ def main(args, callbacks=()):
 
     train = training_batches(with_rotations(omniglot.train) if args.rotations else omniglot.train,
                              args.classes, args.images_per_class, args.batch_size, args.train_episodes,
-                             args.seed, epochs=range(initial_epoch, args.epochs), shift=args.shift)
+                             args.seed, epochs=range(initial_epoch, args.epochs), shift=args.shift,
+                             first_occurrence_weight=args.first_occurrence_weight)
     return train_and_save(model, args, train, validation, initial_epoch, callbacks, checkpoint)
 
 

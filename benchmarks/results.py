@@ -90,6 +90,9 @@ RUNS = {
     "pooled-cnn-best-5way-14epochs": POOLED + ["--epochs=14"],
     # Blocks of 48 filters (the CNN twice the time a batch): 9 epochs in the hour.
     "pooled-cnn48-best-5way": POOLED[:-1] + ["--cnn_filters=48,48,48,48", "--epochs=9"],
+    # The 12 epochs with the loss weighed 1.75 times at a class's first drawing: readier to answer "new".
+    "first-weight-best-5way": POOLED + ["--epochs=12", "--first_occurrence_weight=1.75"],
+    "first-weight-best-5way-seed1": POOLED + ["--epochs=12", "--first_occurrence_weight=1.75", "--seed=1"],
     # 15-way episodes (150 steps, 150 cells) on the best recipe, as many epochs as an hour holds.
     "best-15way": ["--classes=15"] + BEST[1:-1] + ["--epochs=15"],
     "feature-labels-best-15way": ["--classes=15"] + BEST[1:-1] + ["--feature_match", "--feature_labels", "--epochs=15"],
