@@ -20,6 +20,11 @@ written cell): the chance that a 2nd occurrence matches better than a 1st
 one (1: the match alone tells a seen character from a new one; .5: it tells
 nothing). For the CNN's features, the same AUC and how often the nearest
 earlier image is of the same class.
+
+Last, the trade between the 1st occurrence and the 2nd: the accuracies if
+the probabilities of the labels not yet seen were multiplied by a factor
+before the answer is taken. A loss weighed that many times at first drawings
+(--first_occurrence_weight) asks the model for the same answers.
 """
 import os
 import sys
@@ -29,6 +34,7 @@ import numpy as np
 import tensorflow as tf
 from keras import ops
 
+NEW_LABEL_FACTORS = [1, 1.5, 1.75, 2, 3]
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from learning_to_learn import (  # noqa: E402
     MemoryAugmentedLSTM,
@@ -96,11 +102,13 @@ def main(path, args):
     sharpnesses = []  # [episodes, heads, steps]: each read's sharpness, learned with --read_strength
     preferences = {}  # head: read weight per labelled cell, and per same-class cell, against per written cell
     nearest_right = []  # whether the CNN's nearest earlier image at a second occurrence is of its class
+    tilted_right = {factor: ([], [], []) for factor in NEW_LABEL_FACTORS}  # at 1st, 2nd, all occurrences
     batches = validation_batches(Omniglot().test, args.classes, args.images_per_class, args.batch_size,
                                  args.test_episodes)
     for (images, previous), labels in batches:
         labels = labels.numpy()
-        guesses = np.argmax(model.predict_on_batch((images, previous)), axis=-1)
+        probabilities = model.predict_on_batch((images, previous))
+        guesses = np.argmax(probabilities, axis=-1)
         one_hot = np.eye(args.classes, dtype=bool)[labels]  # (episodes, steps, classes)
         seen_before = np.cumsum(one_hot, axis=1) - one_hot > 0  # labels given at earlier steps
         occurrence = np.asarray(occurrences(labels, args.classes))
@@ -108,6 +116,10 @@ def main(path, args):
         answered_seen.append(np.take_along_axis(seen_before, guesses[..., None], axis=-1)[..., 0][first])
         right.append((guesses == labels)[first])
         labels_seen.append(seen_before.sum(axis=-1)[first])
+        for factor, kept in tilted_right.items():
+            tilted = np.argmax(np.where(seen_before, probabilities, factor * probabilities), axis=-1) == labels
+            for values, steps in zip(kept, [first, second, np.ones_like(first)], strict=True):
+                values.append(tilted[steps])
 
         features, similarity, read_weights, sharpness = inside_the_reads(model, images, previous)
         sharpnesses.append(sharpness)
@@ -157,6 +169,9 @@ def main(path, args):
         print(f"  {name}: {at_first.mean():.4f} / {at_second.mean():.4f}, AUC {auc(at_second, at_first):.4f}")
     print("the CNN's nearest earlier image at 2nd occurrences of the same class: "
           f"{np.concatenate(nearest_right).mean():.4f}")
+    print("the labels not yet seen made X times as probable: accuracy at 1st / 2nd occurrences / all steps:")
+    for factor, kept in tilted_right.items():
+        print(f"  X = {factor}: " + " / ".join(f"{np.concatenate(values).mean():.4f}" for values in kept))
 
 
 if __name__ == "__main__":

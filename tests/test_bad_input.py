@@ -42,6 +42,8 @@ from omniglot_dataset import DataError, Omniglot
      "leave no pixel of a 28x28 image; at most 4 with --cnn_pooling"),
     ("--learning_rate=0", "argument --learning_rate: invalid value 0: must be a finite number above 0"),
     ("--learning_rate=-1e-3", "argument --learning_rate: invalid value -0.001: must be a finite number above 0"),
+    ("--first_occurrence_weight=-2",
+     "argument --first_occurrence_weight: invalid value -2: must be a finite number above 0"),
     ("--shift=-1", "argument --shift: invalid value -1: must be at least 0"),
     ("--threads=-1", "argument --threads: invalid value -1: must be at least 0"),
     ("--seed=x", "argument --seed: invalid int value: 'x'"),

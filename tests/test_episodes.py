@@ -126,6 +126,21 @@ def test_training_batches_hold_the_definition_and_are_fresh_every_epoch():
     assert_same_batches(resumed, batches[3:])
 
 
+def test_first_occurrence_weight_weighs_each_classs_first_drawing_alone():
+    dataset, args = make_dataset([20] * 12), make_args(batch_size=5)
+    plain = collect(training(dataset, args, seed=7, episodes=12, epochs=range(2)))
+    weighted = [((images.numpy(), previous.numpy()), labels.numpy(), weights.numpy()) for (images, previous), labels,
+                weights in training_batches(dataset, args.classes, args.images_per_class, args.batch_size, 12, 7,
+                                            range(2), first_occurrence_weight=2.5)]
+    assert_same_batches([batch[:2] for batch in weighted], plain)  # the same episodes, weights beside them
+    for _, labels, weights in weighted:
+        assert weights.dtype == np.float32 and weights.shape == labels.shape
+        for episode_labels, episode_weights in zip(labels, weights, strict=True):
+            expected = [2.5 if label not in episode_labels[:step] else 1 for step, label in enumerate(episode_labels)]
+            np.testing.assert_array_equal(episode_weights, expected)
+            assert (episode_weights == 2.5).sum() == args.classes
+
+
 def test_validation_batches_stay_fixed():
     dataset, args = make_dataset([20] * 12), make_args()
     batches = validation(dataset, args, episodes=10)

@@ -1,10 +1,12 @@
 """The whole model: what enters the recurrence, the fused recurrence against plain keras.layers.RNN, saving."""
+import argparse
+
 import keras
 import numpy as np
 import pytest
 import tensorflow as tf
 
-from learning_to_learn import MemoryAugmentedRNN, build_model, parse_args
+from learning_to_learn import MemoryAugmentedRNN, build_model, parse_args, training_batches
 
 TINY = ["--classes=3", "--images_per_class=2", "--lstm_dim=8", "--cell_size=4"]
 
@@ -147,3 +149,23 @@ def test_cosine_decay_takes_the_learning_rate_to_zero_at_the_last_step():
     for step in [0, 3, 7, 14]:
         optimizer.iterations.assign(step)
         assert float(optimizer.learning_rate) == pytest.approx(0.002 * (1 + np.cos(np.pi * step / 14)) / 2, abs=1e-9)
+
+
+def test_first_occurrence_weight_multiplies_the_loss_of_first_drawings_in_the_mean_over_steps():
+    args = parse_args([*TINY, "--first_occurrence_weight=3", "--learning_rate=1e-9"])
+    rng = np.random.default_rng(2)
+    dataset = argparse.Namespace(data={"images": rng.random([24, 28, 28, 1], dtype=np.float32),
+                                       "labels": np.repeat(np.arange(6), 4)})
+    batches = training_batches(dataset, args.classes, args.images_per_class, batch_size=4, episodes=4, seed=3,
+                               epochs=range(1), first_occurrence_weight=args.first_occurrence_weight)
+    (images, previous), labels, _ = next(iter(batches))
+    model = build_model(args)
+    predictions = model([images, previous], training=True).numpy()  # what fit's one step sees before it learns
+
+    cross_entropy = -np.log(np.take_along_axis(predictions, labels.numpy()[..., None], axis=-1)[..., 0])
+    first = np.array([[label not in episode[:step] for step, label in enumerate(episode)]
+                      for episode in labels.numpy()])
+    expected = np.where(first, 3, 1) * cross_entropy
+    history = model.fit(batches, epochs=1, steps_per_epoch=1, shuffle=False, verbose=0).history
+    assert history["loss"][0] == pytest.approx(expected.mean(), rel=1e-4)
+    assert history["loss"][0] != pytest.approx(cross_entropy.mean(), rel=1e-2)
