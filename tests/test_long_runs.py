@@ -89,7 +89,8 @@ def test_a_checkpoint_restores_weights_optimizer_state_and_epochs(tmp_path):
 
 
 @pytest.mark.parametrize("changed", ["--learning_rate=0.01", "--train_episodes=20", "--batch_size=8",
-                                     "--lstm_dim=8", "--classes=3", "--learning_rate_decay=cosine"])
+                                     "--lstm_dim=8", "--classes=3", "--learning_rate_decay=cosine",
+                                     "--first_occurrence_weight=1.75"])
 def test_a_checkpoint_of_other_flags_is_refused_naming_each_flag(changed, tmp_path):
     _, checkpoint = checkpointed_model(parse_args(TINY), tmp_path)
     checkpoint.on_epoch_end(0)
