@@ -96,6 +96,9 @@ RUNS = {
     # 15-way episodes (150 steps, 150 cells) on the best recipe, as many epochs as an hour holds.
     "best-15way": ["--classes=15"] + BEST[1:-1] + ["--epochs=15"],
     "feature-labels-best-15way": ["--classes=15"] + BEST[1:-1] + ["--feature_match", "--feature_labels", "--epochs=15"],
+    # ... with the first drawings weighed as in first-weight-best-5way.
+    "first-weight-best-15way": ["--classes=15"] + BEST[1:-1] + ["--feature_match", "--feature_labels", "--epochs=15",
+                                                                "--first_occurrence_weight=1.75"],
 }
 BEST_RUN = "first-weight-best-5way"  # the headline's best recipe
 README_RUNS = ["default-5way", "default-2way", "pooled-cnn-best-5way-12epochs", BEST_RUN, "feature-labels-best-15way"]
