@@ -101,7 +101,8 @@ RUNS = {
                                                                 "--first_occurrence_weight=1.75"],
 }
 BEST_RUN = "first-weight-best-5way"  # the headline's best recipe
-README_RUNS = ["default-5way", "default-2way", "pooled-cnn-best-5way-12epochs", BEST_RUN, "feature-labels-best-15way"]
+README_RUNS = ["default-5way", "default-2way", "pooled-cnn-best-5way-12epochs", BEST_RUN, f"{BEST_RUN}-seed1",
+               "feature-labels-best-15way"]
 CHART_RUNS = ["default-5way", "lstm-only-5way", "sharpness-5way", "best-5way", "feature-labels-best-5way",
               "pooled-cnn-best-5way-12epochs", BEST_RUN]
 # 5-way, 10 drawings per class, at the 1st, 2nd, 5th and 10th occurrence: the assignment's example log
