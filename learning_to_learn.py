@@ -326,7 +326,6 @@ def training_batches(dataset, classes, images_per_class, batch_size, episodes, s
     # The weighed loss is least where each label not yet seen gets X times the probability the plain one gives
     # it: the model answers "new" with less certainty that nothing earlier matches. Only training is weighed
     # (its loss is the weighed mean); val_loss stays the plain cross-entropy, comparable across runs.
-
     def with_loss_weights(inputs, labels):
         first = occurrences(labels, classes) == 1
         return inputs, labels, ops.where(first, first_occurrence_weight, 1.0)

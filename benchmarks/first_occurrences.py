@@ -34,7 +34,6 @@ import numpy as np
 import tensorflow as tf
 from keras import ops
 
-NEW_LABEL_FACTORS = [1, 1.5, 1.75, 2, 3]
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from learning_to_learn import (  # noqa: E402
     MemoryAugmentedLSTM,
@@ -45,6 +44,8 @@ from learning_to_learn import (  # noqa: E402
     validation_batches,
 )
 from omniglot_dataset import DataError, Omniglot  # noqa: E402
+
+NEW_LABEL_FACTORS = [1, 1.5, 1.75, 2, 3]  # the factors of the 1st-or-2nd trade's table
 
 
 def unit(x):
