@@ -15,10 +15,13 @@ accuracy of 0.7976 on the 2nd drawing of a character and 0.9082 on the 10th.
 Usage: python3 learning_to_learn.py --classes=5 --epochs=20
 
 The file reads top to bottom as the method: flags, episodes, the metric, the
-memory cell, the model, training, `main`. The fused recurrence at the end
-runs the same cell faster, with a hand-written backward pass.
+memory cell, the model, training, `main`. After `main` come what long runs
+need (checks of flags and files, checkpoints, signals), TensorBoard's
+pictures, and the fused recurrence, which runs the same cell faster with a
+hand-written backward pass.
 """
 import argparse
+import contextlib
 import importlib.util
 import json
 import math
@@ -48,6 +51,31 @@ from omniglot_dataset import DataError, Omniglot, unwritable, write_atomically
 
 # Flags
 
+def filter_counts(text):
+    """An argparse type: the CNN's filters, integers above 0 separated by commas."""
+    counts = text.split(",")
+    if not all(count.strip().isdigit() and int(count) > 0 for count in counts):
+        raise argparse.ArgumentTypeError(f"invalid value {text!r}: expected integers above 0, one a convolution, "
+                                         "as in 8,16,32")
+    return [int(count) for count in counts]
+
+
+class FlagRole(NamedTuple):
+    of_the_run: bool  # it shapes what a run computes: a resumed run must have the checkpoint's value
+    training_only: bool  # --evaluate refuses it: the model file has its own architecture, nothing is trained
+    least: float | None  # the smallest value of a number
+    most: float | None  # the largest
+    above: float | None  # a bound the number must be above, and finite
+
+
+FLAGS: dict[str, FlagRole] = {}  # every flag's role, filled as the flags are added; parse_args checks the bounds
+
+
+def add_flag(group, name, *, of_the_run=True, training_only=True, least=None, most=None, above=None, **options):
+    FLAGS[name] = FlagRole(of_the_run, training_only, least, most, above)
+    group.add_argument(f"--{name}", **options)
+
+
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
     """One line a flag, with its default where it has one."""
 
@@ -62,142 +90,59 @@ parser = argparse.ArgumentParser(
     description="Meta-learns few-shot Omniglot classification with a memory-augmented LSTM.",
     formatter_class=HelpFormatter)
 data = parser.add_argument_group("data (OMNIGLOT_DATA names a local npz file, else the Keras cache or a download)")
-data.add_argument("--classes", default=5, type=int, metavar="N", help="Classes (characters) per episode.")
-data.add_argument("--images_per_class", default=10, type=int, metavar="N", help="Drawings of each class per episode.")
-data.add_argument("--train_episodes", default=10000, type=int, metavar="N",
-                  help="Training episodes per epoch, fresh every epoch.")
-data.add_argument("--rotations", default=False, action="store_true",
-                  help="Train also on every character rotated by 90, 180 and 270 degrees, each a new character.")
-data.add_argument("--shift", default=0, type=int, metavar="N",
-                  help="Move every training image by up to N pixels each way, at random.")
-data.add_argument("--test_episodes", default=1000, type=int, metavar="N",
-                  help="Validation episodes, the same every epoch.")
+# An episode needs two classes to tell apart.
+add_flag(data, "classes", training_only=False, default=5, type=int, least=2, metavar="N",
+         help="Classes (characters) per episode.")
+add_flag(data, "images_per_class", training_only=False, default=10, type=int, least=1, metavar="N",
+         help="Drawings of each class per episode.")
+add_flag(data, "train_episodes", default=10000, type=int, least=1, metavar="N",
+         help="Training episodes per epoch, fresh every epoch.")
+add_flag(data, "rotations", default=False, action="store_true",
+         help="Train also on every character rotated by 90, 180 and 270 degrees, each a new character.")
+add_flag(data, "shift", default=0, type=int, least=0, metavar="N",
+         help="Move every training image by up to N pixels each way, at random.")
+add_flag(data, "test_episodes", training_only=False, default=1000, type=int, least=1, metavar="N",
+         help="Validation episodes, the same every epoch.")
 model_flags = parser.add_argument_group("model")
-model_flags.add_argument("--cnn_filters", default="8,16,32", metavar="A,B,...",
-                         help="Filters of the CNN's convolutions, one number a convolution.")
-model_flags.add_argument("--cnn_pooling", default=False, action="store_true",
-                         help="Convolve with stride 1 and 'same' padding, then max-pool by 2: with "
-                              "--cnn_filters=64,64,64,64 the standard few-shot encoder.")
-model_flags.add_argument("--lstm_dim", default=256, type=int, metavar="N", help="Units of the LSTM controller.")
-model_flags.add_argument("--cell_size", default=40, type=int, metavar="N", help="Units of one memory cell.")
-model_flags.add_argument("--read_heads", default=1, type=int, metavar="N", help="Memory reads per step.")
-model_flags.add_argument("--read_sharpness", default=1.0, type=float, metavar="X",
-                         help="Multiplies the cosine similarities before the read's softmax (1: the assignment's).")
-model_flags.add_argument("--read_match", default=False, action="store_true",
-                         help="Give each read its best cosine similarity too: how well anything in memory matches.")
-model_flags.add_argument("--feature_match", default=False, action="store_true",
-                         help="Give the controller each image's best cosine with the CNN features of the earlier "
-                              "images.")
-model_flags.add_argument("--feature_labels", default=False, action="store_true",
-                         help="Give the controller the earlier images' labels, weighted by a softmax of their "
-                              "features' cosines with each image's: a nearest-neighbour vote.")
-model_flags.add_argument("--read_strength", default=False, action="store_true",
-                         help="Let the controller sharpen each read every step: --read_sharpness plus a learned "
-                              "softplus.")
+add_flag(model_flags, "cnn_filters", default="8,16,32", type=filter_counts, metavar="A,B,...",
+         help="Filters of the CNN's convolutions, one number a convolution.")
+add_flag(model_flags, "cnn_pooling", default=False, action="store_true",
+         help="Convolve with stride 1 and 'same' padding, then max-pool by 2: with --cnn_filters=64,64,64,64 the "
+              "standard few-shot encoder.")
+add_flag(model_flags, "lstm_dim", default=256, type=int, least=1, metavar="N", help="Units of the LSTM controller.")
+add_flag(model_flags, "cell_size", default=40, type=int, least=1, metavar="N", help="Units of one memory cell.")
+add_flag(model_flags, "read_heads", default=1, type=int, least=0, metavar="N", help="Memory reads per step.")
+add_flag(model_flags, "read_sharpness", default=1.0, type=float, above=0, metavar="X",
+         help="Multiplies the cosine similarities before the read's softmax (1: the assignment's).")
+add_flag(model_flags, "feature_match", default=False, action="store_true",
+         help="Give the controller each image's best cosine with the CNN features of the earlier images.")
+add_flag(model_flags, "feature_labels", default=False, action="store_true",
+         help="Give the controller the earlier images' labels, weighted by a softmax of their features' cosines "
+              "with each image's: a nearest-neighbour vote.")
 training = parser.add_argument_group("training")
-training.add_argument("--batch_size", default=16, type=int, metavar="N", help="Episodes per batch.")
-training.add_argument("--learning_rate", default=0.001, type=float, metavar="X", help="Adam's learning rate.")
-training.add_argument("--learning_rate_decay", default="none", choices=["none", "cosine"],
-                      help="How the learning rate falls: not at all, or along a cosine to 0 at the last step.")
-training.add_argument("--first_occurrence_weight", default=1.0, type=float, metavar="X",
-                      help="Weigh the training loss X times at each class's first drawing in an episode: above 1, "
-                           "the model answers with an unused label more readily, at some cost at the 2nd.")
-training.add_argument("--epochs", default=20, type=int, metavar="N", help="Training epochs.")
-training.add_argument("--seed", default=42, type=int, metavar="N",
-                      help="Random seed of the weights and training episodes, 0 to 2**32 - 1.")
-training.add_argument("--threads", default=None, type=int, metavar="N",
-                      help="CPU threads, 0 for all cores (default: 0; 1 with --recodex).")
-training.add_argument("--checkpoint_dir", default=None, metavar="DIR",
-                      help="Save after every epoch here; the same command run again resumes after the last epoch.")
+add_flag(training, "batch_size", training_only=False, default=16, type=int, least=1, metavar="N",
+         help="Episodes per batch.")
+add_flag(training, "learning_rate", default=0.001, type=float, above=0, metavar="X", help="Adam's learning rate.")
+add_flag(training, "learning_rate_decay", default="none", choices=["none", "cosine"],
+         help="How the learning rate falls: not at all, or along a cosine to 0 at the last step.")
+add_flag(training, "first_occurrence_weight", default=1.0, type=float, above=0, metavar="X",
+         help="Weigh the training loss X times at each class's first drawing in an episode: above 1, the model "
+              "answers with an unused label more readily, at some cost at the 2nd.")
+add_flag(training, "epochs", default=20, type=int, least=1, metavar="N", help="Training epochs.")
+add_flag(training, "seed", training_only=False, default=42, type=int, least=0, most=2**32 - 1, metavar="N",
+         help="Random seed of the weights and training episodes, 0 to 2**32 - 1.")
+add_flag(training, "threads", of_the_run=False, training_only=False, default=None, type=int, least=0, metavar="N",
+         help="CPU threads, 0 for all cores (default: 0; 1 with --recodex).")
+add_flag(training, "checkpoint_dir", of_the_run=False, default=None, metavar="DIR",
+         help="Save after every epoch here; the same command run again resumes after the last epoch.")
 output = parser.add_argument_group("output")
-output.add_argument("--recodex", default=False, action="store_true",
-                    help="Graded mode: deterministic, one line of metrics per epoch.")
-output.add_argument("--logdir", default=None, metavar="DIR",
-                    help="Write TensorBoard logs here: every metric and pictures of validation episodes per epoch.")
-output.add_argument("--save_model", default=None, metavar="PATH", help="Write the trained model here.")
-output.add_argument("--evaluate", default=None, metavar="PATH",
-                    help="Do not train: load this .keras model and print its metrics on --test_episodes episodes.")
-
-# The smallest value of each count; an episode needs two classes to tell apart.
-MINIMUM = {"classes": 2, "images_per_class": 1, "train_episodes": 1, "test_episodes": 1, "shift": 0, "lstm_dim": 1,
-           "cell_size": 1, "read_heads": 0, "batch_size": 1, "epochs": 1, "seed": 0, "threads": 0}
-# What --evaluate ignores: the model file has its own architecture, and nothing is trained or written.
-TRAINING_ONLY = ["train_episodes", "rotations", "shift", "cnn_filters", "cnn_pooling", "lstm_dim", "cell_size",
-                 "read_heads", "read_sharpness", "read_match", "feature_match", "feature_labels", "read_strength",
-                 "first_occurrence_weight", "learning_rate", "learning_rate_decay", "epochs", "checkpoint_dir",
-                 "logdir", "save_model"]
-
-
-def parse_args(argv=None):
-    """The flags of `argv` (default: the command line), checked: a bad one ends the program as argparse does."""
-    args = parser.parse_args(argv)
-
-    def refuse(flag, value, reason):
-        parser.error(f"argument --{flag}: invalid value {value}: {reason}")
-
-    def refuse_path(flag, reason):
-        parser.error(f"argument --{flag}: invalid path {getattr(args, flag)!r}: {reason}")
-
-    for flag, minimum in MINIMUM.items():
-        if getattr(args, flag) is not None and getattr(args, flag) < minimum:
-            refuse(flag, getattr(args, flag), f"must be at least {minimum}")
-    if args.seed >= 2**32:
-        refuse("seed", args.seed, f"must be at most {2**32 - 1}")
-    for flag in ["read_sharpness", "learning_rate", "first_occurrence_weight"]:
-        if not 0 < getattr(args, flag) < math.inf:  # nan too
-            refuse(flag, f"{getattr(args, flag):g}", "must be a finite number above 0")
-    if args.evaluate and (ignored := [f"--{flag}" for flag in TRAINING_ONLY
-                                      if getattr(args, flag) != parser.get_default(flag)]):
-        parser.error(f"argument --evaluate: it only evaluates the saved model, so {', '.join(ignored)} "
-                     "would be ignored: leave them out")
-    filters = args.cnn_filters.split(",")
-    if not all(count.strip().isdigit() and int(count) > 0 for count in filters):
-        parser.error(f"argument --cnn_filters: invalid value {args.cnn_filters!r}: "
-                     "expected integers above 0, one a convolution, as in 8,16,32")
-    args.cnn_filters = [int(count) for count in filters]
-    if image_side(len(filters), args.cnn_pooling) < 1:
-        most = max(layers for layers in range(1, 10) if image_side(layers, args.cnn_pooling) >= 1)
-        parser.error(f"argument --cnn_filters: invalid value {','.join(filters)!r}: {len(filters)} convolutions "
-                     f"leave no pixel of a {Omniglot.H}x{Omniglot.W} image; at most {most} "
-                     f"{'with' if args.cnn_pooling else 'without'} --cnn_pooling")
-
-    if args.save_model and not args.save_model.endswith(".keras"):
-        refuse_path("save_model", "expected a name ending in .keras")
-    if args.save_model and not os.path.isdir(os.path.dirname(os.path.abspath(args.save_model))):
-        refuse_path("save_model", "its folder does not exist")
-    if args.evaluate and not os.path.isfile(args.evaluate):
-        refuse_path("evaluate", "no such file")
-    for flag in ["checkpoint_dir", "logdir"]:
-        folder = getattr(args, flag)
-        if folder and os.path.exists(folder) and not os.path.isdir(folder):
-            refuse_path(flag, "it exists and is not a folder")
-    # Tried now, not found out after an hour of training.
-    for flag, folder in [("save_model", os.path.dirname(os.path.abspath(args.save_model or "."))),
-                         ("checkpoint_dir", args.checkpoint_dir), ("logdir", args.logdir)]:
-        if getattr(args, flag) and (problem := unwritable(folder)):
-            refuse_path(flag, problem)
-    for package in ["tensorboard", "matplotlib"]:  # the logs and the episode pictures
-        if args.logdir and importlib.util.find_spec(package) is None:
-            parser.error(f"argument --logdir: needs the {package} package: pip install {package}")
-
-    needed, available = memory_states_gib(args), physical_memory_gib()
-    if needed > available:
-        parser.error(f"arguments --classes, --images_per_class, --batch_size, --cell_size: the memory states of a "
-                     f"batch need about {needed:.1f} GiB, more than this machine's {available:.1f} GiB")
-    return args
-
-
-def memory_states_gib(args):
-    """About what training keeps of the external memory for one batch: each step's, forward and backward."""
-    cells = episode_length(args.classes, args.images_per_class)
-    return 3 * cells * args.batch_size * cells * args.cell_size * 4 / 2**30  # steps = cells, float32
-
-
-def physical_memory_gib():
-    try:
-        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
-    except (ValueError, OSError):  # not known here: nothing to check against
-        return math.inf
+add_flag(output, "recodex", training_only=False, default=False, action="store_true",
+         help="Graded mode: deterministic, one line of metrics per epoch.")
+add_flag(output, "logdir", of_the_run=False, default=None, metavar="DIR",
+         help="Write TensorBoard logs here: every metric and pictures of validation episodes per epoch.")
+add_flag(output, "save_model", of_the_run=False, default=None, metavar="PATH", help="Write the trained model here.")
+add_flag(output, "evaluate", of_the_run=False, training_only=False, default=None, metavar="PATH",
+         help="Do not train: load this .keras model and print its metrics on --test_episodes episodes.")
 
 
 # Episodes
@@ -390,14 +335,14 @@ class CellState(NamedTuple):
     """What the cell carries from one step to the next."""
     h: tf.Tensor  # (batch, units): the controller's output
     c: tf.Tensor  # (batch, units): the controller's cell
-    read_value: tf.Tensor  # (batch, read_size): the last read of every head[, then each head's best match]
+    read_value: tf.Tensor  # (batch, read_heads * cell_size): the last read of every head
     memory: tf.Tensor  # (batch, memory_cells, cell_size): the newest write first
 
 
 class StepActivations(NamedTuple):
     """What a step computes on the way, kept for the fused backward pass."""
     gates: tf.Tensor  # (batch, 4 * units): the controller's input, forget, candidate and output gates, activated
-    interface: tf.Tensor  # (batch, interface_size): the write value, the read keys[, each head's key strength]
+    interface: tf.Tensor  # (batch, (read_heads + 1) * cell_size): the write value, then the read keys
     read_weights: tf.Tensor  # (batch, read_heads, memory_cells)
 
 
@@ -415,29 +360,17 @@ class MemoryAugmentedLSTM(keras.layers.Layer):
     e^2 = 7.389 times any other, as cosines lie in [-1, 1]: among 50 cells even a
     perfect match gets at most 13% of the read. A larger factor lets a read
     pick out the one cell that matches.
-
-    A softmax read returns the best-matching cells whether anything matches
-    or not. With `read_match`, each head's read value comes with its largest
-    cosine similarity, so that the controller and the output can tell a
-    character seen before from a new one.
-
-    With `read_strength`, the controller also emits each head's key strength,
-    the NTM's beta, a softplus: that head's sharpness this step is
-    `read_sharpness` plus the strength, so that it can read sharper when one
-    cell stands out.
     """
 
-    def __init__(self, units, memory_cells, cell_size, read_heads, read_sharpness=1.0, read_match=False,
-                 read_strength=False, **kwargs):
+    def __init__(self, units, memory_cells, cell_size, read_heads, read_sharpness=1.0, **kwargs):
         super().__init__(**kwargs)
         self.units, self.memory_cells, self.cell_size, self.read_heads = units, memory_cells, cell_size, read_heads
-        self.read_sharpness, self.read_match, self.read_strength = read_sharpness, read_match, read_strength
-        self.read_size = read_heads * cell_size + (read_heads if read_match else 0)
+        self.read_sharpness = read_sharpness
+        self.read_size = read_heads * cell_size
         # Owns the controller's weights, with Keras's LSTM initializers; `step` spells out its equations.
         self.controller = keras.layers.LSTMCell(units)
-        # The write value, then the read keys, through a tanh; then the key strengths, through a softplus.
-        self.keys_end = (read_heads + 1) * cell_size
-        self.interface_size = self.keys_end + (read_heads if read_strength else 0)
+        # The write value, then the read keys.
+        self.interface_size = (read_heads + 1) * cell_size
         self.interface_layer = keras.layers.Dense(self.interface_size)
         self.output_layer = keras.layers.Dense(units, activation="tanh")
         # CellState with the memory flat: Keras RNN states must be vectors.
@@ -459,23 +392,13 @@ class MemoryAugmentedLSTM(keras.layers.Layer):
         recurrent = ops.concatenate([self.controller.recurrent_kernel, self.controller.kernel[self.input_size:]])
         return recurrent, self.interface_layer.kernel, self.interface_layer.bias
 
-    def sharpness(self, interface):
-        """The factor of the read's cosines, from a step's activated interface: `read_sharpness`, or with
-        `read_strength` each head's (batch, read_heads, 1), `read_sharpness` plus its strength."""
-        return self.read_sharpness + interface[:, self.keys_end:, None] if self.read_strength else self.read_sharpness
-
-    def _read(self, memory, read_keys, sharpness=None):
+    def _read(self, memory, read_keys):
         """Returns the read value (batch, read_size) and the read weights (batch, read_heads, cells)."""
-        # memory: (batch, memory_cells, cell_size), read_keys: (batch, read_heads, cell_size),
-        # sharpness: read_sharpness, or each head's (batch, read_heads, 1)
-        sharpness = self.read_sharpness if sharpness is None else sharpness
+        # memory: (batch, memory_cells, cell_size), read_keys: (batch, read_heads, cell_size)
         similarity = ops.einsum("bhc,bmc->bhm", unit_vectors(read_keys)[0], unit_vectors(memory)[0])
-        read_weights = ops.softmax(sharpness * similarity, axis=-1)
+        read_weights = ops.softmax(self.read_sharpness * similarity, axis=-1)
         read_value = ops.matmul(read_weights, memory)  # all heads in one product
-        read_value = ops.reshape(read_value, (ops.shape(memory)[0], self.read_heads * self.cell_size))
-        if self.read_match:
-            read_value = ops.concatenate([read_value, ops.max(similarity, axis=-1)], axis=-1)
-        return read_value, read_weights
+        return ops.reshape(read_value, (ops.shape(memory)[0], self.read_size)), read_weights
 
     def _write(self, memory, write_value):
         # newest write first; the oldest cell drops
@@ -497,18 +420,16 @@ class MemoryAugmentedLSTM(keras.layers.Layer):
         c = gates[1] * state.c + gates[0] * gates[2]
         h = gates[3] * ops.tanh(c)
 
-        # The interface: one write value and a key for each read head[, and each key's strength].
+        # The interface: one write value and a key for each read head. Two tanh: one over the whole product
+        # gives other last bits on CPUs, and would move the graded lines.
         interface = ops.matmul(h, interface_kernel) + interface_bias
-        interface = ops.concatenate([ops.tanh(interface[:, :self.keys_end]),
-                                     ops.softplus(interface[:, self.keys_end:])], axis=-1)
-        write_value = interface[:, :self.cell_size]
+        write_value, read_keys = ops.tanh(interface[:, :self.cell_size]), ops.tanh(interface[:, self.cell_size:])
+        interface = ops.concatenate([write_value, read_keys], axis=-1)
         # An explicit batch size: with --read_heads=0 the keys are empty and -1 could not be inferred.
-        batch_size = ops.shape(h)[0]
-        read_keys = ops.reshape(interface[:, self.cell_size:self.keys_end],
-                                (batch_size, self.read_heads, self.cell_size))
+        read_keys = ops.reshape(read_keys, (ops.shape(h)[0], self.read_heads, self.cell_size))
 
         # Read the memory as it was, then write.
-        read_value, read_weights = self._read(state.memory, read_keys, self.sharpness(interface))
+        read_value, read_weights = self._read(state.memory, read_keys)
         memory = self._write(state.memory, write_value)
         return CellState(h, c, read_value, memory), StepActivations(ops.concatenate(gates, axis=-1), interface,
                                                                     read_weights)
@@ -526,8 +447,7 @@ class MemoryAugmentedLSTM(keras.layers.Layer):
     def get_config(self):
         config = super().get_config()
         config.update(units=self.units, memory_cells=self.memory_cells, cell_size=self.cell_size,
-                      read_heads=self.read_heads, read_sharpness=self.read_sharpness, read_match=self.read_match,
-                      read_strength=self.read_strength)
+                      read_heads=self.read_heads, read_sharpness=self.read_sharpness)
         return config
 
 
@@ -550,14 +470,6 @@ def image_features(conv_filters, pooling=False):
         if pooling:
             layers.append(keras.layers.MaxPooling2D(2))
     return keras.Sequential(layers + [keras.layers.Flatten()], name="image_features")
-
-
-def image_side(convolutions, pooling):
-    """How many pixels a side of the image keeps after the CNN's `convolutions`."""
-    side = Omniglot.H
-    for _ in range(convolutions):
-        side = side // 2 if pooling else (side - 3) // 2 + 1
-    return side
 
 
 def earlier_cosines(features):
@@ -611,59 +523,61 @@ class EarlierLabelVote(keras.layers.Layer):
         return config
 
 
+def build_model(classes, images_per_class, cnn_filters=(8, 16, 32), cnn_pooling=False, lstm_dim=256, cell_size=40,
+                read_heads=1, read_sharpness=1.0, feature_match=False, feature_labels=False, fused=True):
+    """The model of episodes of `classes` x `images_per_class` steps, not compiled: CNN, memory cell, softmax at
+    every step. The defaults are the assignment's; each argument is the flag of its name.
+
+    `fused=False` runs the cell with plain `keras.layers.RNN`, step by step
+    with automatic gradients: the same function, slower.
+    """
+    steps = episode_length(classes, images_per_class)
+    images = keras.Input([steps, Omniglot.H, Omniglot.W, Omniglot.C], name="images")
+    labels = keras.Input([steps], dtype="int32", name="previous_labels")
+
+    # One pass of the CNN over all images of the batch, then back to episodes.
+    cnn = image_features(cnn_filters, cnn_pooling)
+    features = cnn(ops.reshape(images, (-1, Omniglot.H, Omniglot.W, Omniglot.C)))
+    features = ops.reshape(features, (-1, steps, features.shape[-1]))
+    inputs = ops.concatenate([features, ops.one_hot(labels, classes)], axis=-1)  # label -1: all zeros
+    if feature_match:
+        inputs = ops.concatenate([inputs, best_earlier_match(features)], axis=-1)
+    if feature_labels:
+        vote = EarlierLabelVote(classes, name="earlier_label_vote")
+        inputs = ops.concatenate([inputs, vote(features, labels)], axis=-1)
+
+    cell = MemoryAugmentedLSTM(lstm_dim, memory_cells=steps, cell_size=cell_size, read_heads=read_heads,
+                               read_sharpness=read_sharpness)
+    recurrence = MemoryAugmentedRNN if fused else keras.layers.RNN
+    outputs = recurrence(cell, return_sequences=True)(inputs)
+    predictions = keras.layers.Dense(classes, activation="softmax")(outputs)
+    return keras.Model([images, labels], predictions)
+
+
+# Training
+
 def steps_per_epoch(train_episodes, batch_size):
     """Training batches an epoch: the last one may hold fewer episodes."""
     return math.ceil(train_episodes / batch_size)
 
 
-def build_model(args, fused=True):
-    """The compiled model of `args`: CNN, memory cell, softmax at every step.
-
-    `fused=False` runs the cell with plain `keras.layers.RNN`, step by step
-    with automatic gradients: the same function, slower.
-    """
-    steps = episode_length(args.classes, args.images_per_class)
-    images = keras.Input([steps, Omniglot.H, Omniglot.W, Omniglot.C], name="images")
-    labels = keras.Input([steps], dtype="int32", name="previous_labels")
-
-    # One pass of the CNN over all images of the batch, then back to episodes.
-    cnn = image_features(args.cnn_filters, args.cnn_pooling)
-    features = cnn(ops.reshape(images, (-1, Omniglot.H, Omniglot.W, Omniglot.C)))
-    features = ops.reshape(features, (-1, steps, features.shape[-1]))
-    inputs = ops.concatenate([features, ops.one_hot(labels, args.classes)], axis=-1)  # label -1: all zeros
-    if args.feature_match:
-        inputs = ops.concatenate([inputs, best_earlier_match(features)], axis=-1)
-    if args.feature_labels:
-        vote = EarlierLabelVote(args.classes, name="earlier_label_vote")
-        inputs = ops.concatenate([inputs, vote(features, labels)], axis=-1)
-
-    cell = MemoryAugmentedLSTM(args.lstm_dim, memory_cells=steps, cell_size=args.cell_size,
-                               read_heads=args.read_heads, read_sharpness=args.read_sharpness,
-                               read_match=args.read_match, read_strength=args.read_strength)
-    recurrence = MemoryAugmentedRNN if fused else keras.layers.RNN
-    outputs = recurrence(cell, return_sequences=True)(inputs)
-    predictions = keras.layers.Dense(args.classes, activation="softmax")(outputs)
-
-    learning_rate = args.learning_rate
-    if args.learning_rate_decay == "cosine":
+def compile_for_training(model, images_per_class, learning_rate, decay_steps=None):
+    """Compiles `model` with Adam, the cross-entropy and the metrics; with `decay_steps`, the learning rate falls
+    along a cosine to 0 at that step."""
+    if decay_steps:
         # A function of the optimizer's step count, which checkpoints keep: a resumed run goes on along the curve.
-        learning_rate = keras.optimizers.schedules.CosineDecay(
-            learning_rate, decay_steps=args.epochs * steps_per_epoch(args.train_episodes, args.batch_size))
-
-    model = keras.Model([images, labels], predictions)
+        learning_rate = keras.optimizers.schedules.CosineDecay(learning_rate, decay_steps=decay_steps)
     model.compile(
         optimizer=keras.optimizers.Adam(learning_rate),
         loss=keras.losses.SparseCategoricalCrossentropy(),
         metrics=[keras.metrics.SparseCategoricalAccuracy(name="acc"),
-                 *[NthOccurrenceAccuracy(nth) for nth in reported_occurrences(args.images_per_class)]],
+                 *[NthOccurrenceAccuracy(nth) for nth in reported_occurrences(images_per_class)]],
         # XLA compiles the recurrence's loops alone (MemoryAugmentedRNN): the CNN's convolutions run faster
         # in TensorFlow's own CPU kernels than in XLA's.
         jit_compile=False,
     )
     return model
 
-
-# Training
 
 def metrics_line(logs, names):
     return " - ".join(f"{name}: {logs[name]:.4f}" for name in names)
@@ -680,53 +594,169 @@ class GradedEpochLine(keras.callbacks.Callback):
         print(f"Epoch {epoch + 1}/{self.epochs} {metrics_line(logs, self.names)}", flush=True)
 
 
-def episode_figure(images, labels, guesses, classes):
-    """A matplotlib figure of one episode: every image in order, and under it the how-many-th occurrence of its
-    class (grey), its label (black) and the model's guess (green, or red with the image framed in red if wrong)."""
-    from matplotlib.figure import Figure  # only --logdir needs matplotlib
+def main(args, callbacks=()):
+    """Trains as `args` say, or evaluates; returns the last epoch's metrics by name. `callbacks` join fit's."""
+    threads = args.threads if args.threads is not None else int(args.recodex)
+    tf.config.threading.set_inter_op_parallelism_threads(threads)
+    tf.config.threading.set_intra_op_parallelism_threads(threads)
+    keras.utils.set_random_seed(args.seed)  # seeds the weight initializers too
+    if args.recodex:
+        tf.config.experimental.enable_op_determinism()
 
-    figure = Figure(figsize=(0.4 * len(labels), 1.2), dpi=100)
-    figure.subplots_adjust(left=0, right=1, top=1, bottom=0.4, wspace=0.1)
-    steps = zip(figure.subplots(1, len(labels), squeeze=False)[0], images, labels, guesses,
-                ops.convert_to_numpy(occurrences(labels[None], classes))[0], strict=True)
-    for axes, image, label, guess, occurrence in steps:
-        axes.imshow(image[..., 0], cmap="gray_r", vmin=0, vmax=1)  # dark ink on white paper
-        axes.set(xticks=[], yticks=[])
-        if guess != label:
-            for spine in axes.spines.values():
-                spine.set(color="red", linewidth=2)
-        for row, (number, colour) in enumerate([(int(occurrence), "grey"), (label, "black"),
-                                                (guess, "green" if guess == label else "red")]):
-            axes.text(0.5, -0.1 - 0.3 * row, str(number), color=colour, fontsize=8, ha="center", va="top",
-                      transform=axes.transAxes)
-    return figure
+    omniglot = Omniglot()
+    check_episodes_fit(args, omniglot)
+    checkpoint = EpochCheckpoint(args.checkpoint_dir, run_flags(args)) if args.checkpoint_dir else None
+    if checkpoint:
+        checkpoint.claim()
+    names = metric_names(args.images_per_class)
+    validation = validation_batches(omniglot.test, args.classes, args.images_per_class, args.batch_size,
+                                    args.test_episodes)
+    verbose = 0 if args.recodex else "auto"
+
+    if args.evaluate:
+        model = load_trained_model(args.evaluate, args.classes, args.images_per_class)
+        logs = model.evaluate(validation, return_dict=True, verbose=verbose)
+        print(f"Test {metrics_line(logs, names)}", flush=True)
+        return {name: float(value) for name, value in logs.items()}
+
+    steps = steps_per_epoch(args.train_episodes, args.batch_size)
+    model = build_model(args.classes, args.images_per_class, cnn_filters=args.cnn_filters, cnn_pooling=args.cnn_pooling,
+                        lstm_dim=args.lstm_dim, cell_size=args.cell_size, read_heads=args.read_heads,
+                        read_sharpness=args.read_sharpness, feature_match=args.feature_match,
+                        feature_labels=args.feature_labels)
+    model = compile_for_training(model, args.images_per_class, args.learning_rate,
+                                 decay_steps=args.epochs * steps if args.learning_rate_decay == "cosine" else None)
+    callbacks, initial_epoch = [StopOnDivergence(), *callbacks], 0
+    if checkpoint:
+        initial_epoch = checkpoint.restore(model)
+        callbacks.append(checkpoint)
+        if initial_epoch >= args.epochs:
+            print(f"{initial_epoch} epochs are done in {args.checkpoint_dir}: nothing to train.", file=sys.stderr)
+    if args.logdir:
+        callbacks += [keras.callbacks.TensorBoard(args.logdir), EpisodePictures(args.logdir, next(iter(validation)))]
+    if args.recodex:
+        callbacks.append(GradedEpochLine(args.epochs, names))
+
+    train = training_batches(with_rotations(omniglot.train) if args.rotations else omniglot.train,
+                             args.classes, args.images_per_class, args.batch_size, args.train_episodes,
+                             args.seed, epochs=range(initial_epoch, args.epochs), shift=args.shift,
+                             first_occurrence_weight=args.first_occurrence_weight)
+    with told_what_is_kept(checkpoint):
+        # shuffle=False: the episodes are drawn at random already, and a tf.data input cannot be shuffled by fit.
+        history = model.fit(train, epochs=args.epochs, steps_per_epoch=steps, initial_epoch=initial_epoch,
+                            shuffle=False, validation_data=validation, verbose=verbose, callbacks=callbacks)
+        if args.save_model:
+            save_without_optimizer_state(model, args.save_model)
+    return {name: float(values[-1]) for name, values in history.history.items()}
 
 
-def figure_pixels(figure):
-    """The RGB pixels of a matplotlib figure: `[height, width, 3]` uint8."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
+# Long runs
+#
+# What keeps an hour of training from being lost or silently wrong: flags and
+# write places checked before any work, the memory a run needs, a checkpoint
+# after every epoch that knows its run, divergence and signals ending the run
+# with one line that says what is kept, and saved models loaded with care.
 
-    canvas = FigureCanvasAgg(figure)
-    canvas.draw()
-    return np.asarray(canvas.buffer_rgba())[..., :3]
+def defaults():
+    """Every flag's default value, as parsed."""
+    return vars(parser.parse_args([]))
 
 
-class EpisodePictures(keras.callbacks.Callback):
-    """After every epoch, writes pictures of the first `count` episodes of a validation batch to TensorBoard."""
+def parse_args(argv=None):
+    """The flags of `argv` (default: the command line), checked: a bad one ends the program as argparse does."""
+    args = parser.parse_args(argv)
 
-    def __init__(self, logdir, batch, count=3):
-        super().__init__()
-        (images, previous), labels = keras.tree.map_structure(np.asarray, batch)
-        self.inputs, self.labels = (images[:count], previous[:count]), labels[:count]
-        self.writer = tf.summary.create_file_writer(os.path.join(logdir, "episodes"))
+    def refuse(flag, reason):
+        value = getattr(args, flag)
+        parser.error(f"argument --{flag}: invalid value {f'{value:g}' if isinstance(value, float) else value}: "
+                     f"{reason}")
 
-    def on_epoch_end(self, epoch, logs=None):
-        predictions = self.model.predict(self.inputs, verbose=0)
-        episodes = zip(self.inputs[0], self.labels, np.argmax(predictions, axis=-1), strict=True)
-        pictures = np.stack([figure_pixels(episode_figure(*episode, predictions.shape[-1])) for episode in episodes])
-        with self.writer.as_default():
-            tf.summary.image("validation episodes", pictures, step=epoch, max_outputs=len(pictures))
-        self.writer.flush()
+    def refuse_path(flag, reason):
+        parser.error(f"argument --{flag}: invalid path {getattr(args, flag)!r}: {reason}")
+
+    for flag, role in FLAGS.items():
+        value = getattr(args, flag)
+        if value is None:
+            continue
+        if role.least is not None and value < role.least:
+            refuse(flag, f"must be at least {role.least}")
+        if role.most is not None and value > role.most:
+            refuse(flag, f"must be at most {role.most}")
+        if role.above is not None and not role.above < value < math.inf:  # nan too
+            refuse(flag, f"must be a finite number above {role.above}")
+
+    if args.evaluate and (ignored := [f"--{flag}" for flag, role in FLAGS.items()
+                                      if role.training_only and getattr(args, flag) != defaults()[flag]]):
+        parser.error(f"argument --evaluate: it only evaluates the saved model, so {', '.join(ignored)} "
+                     "would be ignored: leave them out")
+    convolutions = len(args.cnn_filters)
+    if image_side(convolutions, args.cnn_pooling) < 1:
+        most = max(layers for layers in range(1, 10) if image_side(layers, args.cnn_pooling) >= 1)
+        parser.error(f"argument --cnn_filters: invalid value {','.join(map(str, args.cnn_filters))!r}: "
+                     f"{convolutions} convolutions leave no pixel of a {Omniglot.H}x{Omniglot.W} image; at most "
+                     f"{most} {'with' if args.cnn_pooling else 'without'} --cnn_pooling")
+
+    if args.save_model and not args.save_model.endswith(".keras"):
+        refuse_path("save_model", "expected a name ending in .keras")
+    if args.save_model and not os.path.isdir(os.path.dirname(os.path.abspath(args.save_model))):
+        refuse_path("save_model", "its folder does not exist")
+    if args.evaluate and not os.path.isfile(args.evaluate):
+        refuse_path("evaluate", "no such file")
+    for flag in ["checkpoint_dir", "logdir"]:
+        folder = getattr(args, flag)
+        if folder and os.path.exists(folder) and not os.path.isdir(folder):
+            refuse_path(flag, "it exists and is not a folder")
+    # Tried now, not found out after an hour of training.
+    for flag, folder in [("save_model", os.path.dirname(os.path.abspath(args.save_model or "."))),
+                         ("checkpoint_dir", args.checkpoint_dir), ("logdir", args.logdir)]:
+        if getattr(args, flag) and (problem := unwritable(folder)):
+            refuse_path(flag, problem)
+    for package in ["tensorboard", "matplotlib"]:  # the logs and the episode pictures
+        if args.logdir and importlib.util.find_spec(package) is None:
+            parser.error(f"argument --logdir: needs the {package} package: pip install {package}")
+
+    if reported_occurrences(args.images_per_class) != OCCURRENCES:
+        print(f"Note: with --images_per_class={args.images_per_class} no class appears {OCCURRENCES[-1]} times "
+              f"in an episode: only {', '.join(metric_names(args.images_per_class))} are reported.", file=sys.stderr)
+    needed, available = memory_states_gib(args), physical_memory_gib()
+    if needed > available:
+        parser.error(f"arguments --classes, --images_per_class, --batch_size, --cell_size: the memory states of a "
+                     f"batch need about {needed:.1f} GiB, more than this machine's {available:.1f} GiB")
+    return args
+
+
+def image_side(convolutions, pooling):
+    """How many pixels a side of the image keeps after the CNN's `convolutions`."""
+    side = Omniglot.H
+    for _ in range(convolutions):
+        side = side // 2 if pooling else (side - 3) // 2 + 1
+    return side
+
+
+def memory_states_gib(args):
+    """About what training keeps of the external memory for one batch: each step's, forward and backward."""
+    cells = episode_length(args.classes, args.images_per_class)
+    return 3 * cells * args.batch_size * cells * args.cell_size * 4 / 2**30  # steps = cells, float32
+
+
+def physical_memory_gib():
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    except (ValueError, OSError):  # not known here: nothing to check against
+        return math.inf
+
+
+def check_episodes_fit(args, omniglot):
+    """Refuses, as argparse does, episodes that a split cannot fill."""
+    for split in ["train", "test"]:
+        labels = getattr(omniglot, split).data["labels"]
+        characters, drawings = np.unique(labels, return_counts=True)
+        if args.classes > len(characters):
+            parser.error(f"argument --classes: invalid value {args.classes}: "
+                         f"the {split} split has only {len(characters)} characters")
+        if args.images_per_class > drawings.min():
+            parser.error(f"argument --images_per_class: invalid value {args.images_per_class}: "
+                         f"some characters of the {split} split have only {drawings.min()} drawings")
 
 
 class RunEnded(Exception):
@@ -763,13 +793,9 @@ class StopOnDivergence(keras.callbacks.Callback):
                            f"{batch + 1}; a smaller --learning_rate is the likely cure")
 
 
-# Flags that change nothing a run computes: they may differ when a run resumes.
-NOT_OF_THE_RUN = ["checkpoint_dir", "logdir", "save_model", "threads", "evaluate"]
-
-
 def run_flags(args):
     """The flags that make a run what it is: those of its model, its episodes and its training."""
-    return {flag: value for flag, value in vars(args).items() if flag not in NOT_OF_THE_RUN}
+    return {flag: getattr(args, flag) for flag, role in FLAGS.items() if role.of_the_run}
 
 
 def differing_flags(saved, current):
@@ -778,7 +804,7 @@ def differing_flags(saved, current):
         return ",".join(map(str, value)) if isinstance(value, list) else str(value)
 
     # A flag newer than the checkpoint had its default value there.
-    saved = {flag: saved.get(flag, parser.get_default(flag)) for flag in current}
+    saved = {flag: saved.get(flag, defaults()[flag]) for flag in current}
     # Without a decaying learning rate, nothing depends on --epochs: more epochs continue the same run.
     ignored = ["epochs"] if saved["learning_rate_decay"] == current["learning_rate_decay"] == "none" else []
     return [f"--{flag} {text(saved[flag])} in the checkpoint, {text(value)} now"
@@ -866,17 +892,33 @@ class EpochCheckpoint(keras.callbacks.Callback):
         return f"{self.path} keeps epoch {self.epochs_done}: run the same command to resume"
 
 
-def check_episodes_fit(args, omniglot):
-    """Refuses, as argparse does, episodes that a split cannot fill."""
-    for split in ["train", "test"]:
-        labels = getattr(omniglot, split).data["labels"]
-        characters, drawings = np.unique(labels, return_counts=True)
-        if args.classes > len(characters):
-            parser.error(f"argument --classes: invalid value {args.classes}: "
-                         f"the {split} split has only {len(characters)} characters")
-        if args.images_per_class > drawings.min():
-            parser.error(f"argument --images_per_class: invalid value {args.images_per_class}: "
-                         f"some characters of the {split} split have only {drawings.min()} drawings")
+@contextlib.contextmanager
+def told_what_is_kept(checkpoint):
+    """Turns an early end of training (an interruption, a RunEnded) into a RunEnded that says what it leaves."""
+    try:
+        yield
+    except KeyboardInterrupt as interruption:
+        if checkpoint and checkpoint.epochs_done:
+            message = f"interrupted after epoch {checkpoint.epochs_done}; run the same command to resume"
+        else:
+            message = f"interrupted; {checkpoint.kept() if checkpoint else 'nothing was saved'}"
+        raise RunEnded(message, 143 if isinstance(interruption, Terminated) else 130) from None
+    except RunEnded as ended:
+        kept = checkpoint.kept() if checkpoint else "nothing was saved"
+        raise RunEnded(f"{ended}; {kept}", ended.status) from None
+
+
+def save_without_optimizer_state(model, path):
+    """Writes `model` to `path` atomically, with an optimizer as new: Adam's state is twice the weights' size, and
+    resuming a run is the checkpoint's job."""
+    trained = model.optimizer
+    model.optimizer = type(trained).from_config(trained.get_config())
+    try:
+        write_atomically(path, model.save, suffix=".keras")
+    except OSError as error:
+        raise RunEnded(f"cannot write the model {path} ({error.strerror})") from None
+    finally:
+        model.optimizer = trained
 
 
 def load_trained_model(path, classes, images_per_class):
@@ -888,7 +930,7 @@ def load_trained_model(path, classes, images_per_class):
             warnings.filterwarnings("ignore", message="Skipping variable loading for optimizer")
             warnings.filterwarnings("ignore", message="Model doesn't support `jit_compile=True`")
             model = keras.models.load_model(path)
-        model.jit_compile = False  # as build_model compiles it, also if saved before it did
+        model.jit_compile = False  # as compile_for_training compiles it, also if saved before it did
     except Exception as error:
         raise DataError(f"{path} is not a model saved by this program ({error})") from None
     if not any(isinstance(getattr(layer, "cell", None), MemoryAugmentedLSTM) for layer in model.layers):
@@ -900,84 +942,62 @@ def load_trained_model(path, classes, images_per_class):
     return model
 
 
-def train_and_save(model, args, train, validation, initial_epoch, callbacks, checkpoint):
-    """`model.fit`, then --save_model; a run that ends early says, in a RunEnded, what it leaves."""
-    try:
-        # shuffle=False: the episodes are drawn at random already, and a tf.data input cannot be shuffled by fit.
-        history = model.fit(train, epochs=args.epochs, steps_per_epoch=steps_per_epoch(args.train_episodes,
-                                                                                        args.batch_size),
-                            initial_epoch=initial_epoch, shuffle=False, validation_data=validation,
-                            verbose=0 if args.recodex else "auto", callbacks=callbacks)
-        if args.save_model:
-            # The weights alone, without the optimizer's state (twice their size): resuming is the checkpoint's job.
-            trained = build_model(args)
-            trained.set_weights(model.get_weights())
-            try:
-                write_atomically(args.save_model, trained.save, suffix=".keras")
-            except OSError as error:
-                raise RunEnded(f"cannot write the model {args.save_model} ({error.strerror})") from None
-    except KeyboardInterrupt as interruption:
-        if checkpoint and checkpoint.epochs_done:
-            message = f"interrupted after epoch {checkpoint.epochs_done}; run the same command to resume"
-        else:
-            message = f"interrupted; {checkpoint.kept() if checkpoint else 'nothing was saved'}"
-        raise RunEnded(message, 143 if isinstance(interruption, Terminated) else 130) from None
-    except RunEnded as ended:
-        kept = checkpoint.kept() if checkpoint else "nothing was saved"
-        raise RunEnded(f"{ended}; {kept}", ended.status) from None
-    return history.history
+# TensorBoard's pictures
+
+def episode_figure(images, labels, guesses, classes):
+    """A matplotlib figure of one episode: every image in order, and under it the how-many-th occurrence of its
+    class (grey), its label (black) and the model's guess (green, or red with the image framed in red if wrong)."""
+    from matplotlib.figure import Figure  # only --logdir needs matplotlib
+
+    figure = Figure(figsize=(0.4 * len(labels), 1.2), dpi=100)
+    figure.subplots_adjust(left=0, right=1, top=1, bottom=0.4, wspace=0.1)
+    steps = zip(figure.subplots(1, len(labels), squeeze=False)[0], images, labels, guesses,
+                ops.convert_to_numpy(occurrences(labels[None], classes))[0], strict=True)
+    for axes, image, label, guess, occurrence in steps:
+        axes.imshow(image[..., 0], cmap="gray_r", vmin=0, vmax=1)  # dark ink on white paper
+        axes.set(xticks=[], yticks=[])
+        if guess != label:
+            for spine in axes.spines.values():
+                spine.set(color="red", linewidth=2)
+        for row, (number, colour) in enumerate([(int(occurrence), "grey"), (label, "black"),
+                                                (guess, "green" if guess == label else "red")]):
+            axes.text(0.5, -0.1 - 0.3 * row, str(number), color=colour, fontsize=8, ha="center", va="top",
+                      transform=axes.transAxes)
+    return figure
 
 
-def main(args, callbacks=()):
-    """Trains as `args` say (with --evaluate, evaluates) and returns the metrics; `callbacks` join fit's."""
-    threads = args.threads if args.threads is not None else int(args.recodex)
-    tf.config.threading.set_inter_op_parallelism_threads(threads)
-    tf.config.threading.set_intra_op_parallelism_threads(threads)
-    keras.utils.set_random_seed(args.seed)  # seeds the weight initializers too
-    if args.recodex:
-        tf.config.experimental.enable_op_determinism()
+def figure_pixels(figure):
+    """The RGB pixels of a matplotlib figure: `[height, width, 3]` uint8."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
 
-    omniglot = Omniglot()
-    check_episodes_fit(args, omniglot)
-    checkpoint = EpochCheckpoint(args.checkpoint_dir, run_flags(args)) if args.checkpoint_dir else None
-    if checkpoint:
-        checkpoint.claim()
-    names = metric_names(args.images_per_class)
-    if reported_occurrences(args.images_per_class) != OCCURRENCES:
-        print(f"Note: with --images_per_class={args.images_per_class} no class appears "
-              f"{OCCURRENCES[-1]} times in an episode: only {', '.join(names)} are reported.", file=sys.stderr)
-    validation = validation_batches(omniglot.test, args.classes, args.images_per_class, args.batch_size,
-                                    args.test_episodes)
+    canvas = FigureCanvasAgg(figure)
+    canvas.draw()
+    return np.asarray(canvas.buffer_rgba())[..., :3]
 
-    if args.evaluate:
-        model = load_trained_model(args.evaluate, args.classes, args.images_per_class)
-        logs = model.evaluate(validation, return_dict=True, verbose=0 if args.recodex else "auto")
-        print(f"Test {metrics_line(logs, names)}", flush=True)
-        return logs
 
-    model = build_model(args)
-    callbacks, initial_epoch = [StopOnDivergence(), *callbacks], 0
-    if checkpoint:
-        initial_epoch = checkpoint.restore(model)
-        callbacks.append(checkpoint)
-        if initial_epoch >= args.epochs:
-            print(f"{initial_epoch} epochs are done in {args.checkpoint_dir}: nothing to train.", file=sys.stderr)
-    if args.logdir:
-        callbacks += [keras.callbacks.TensorBoard(args.logdir), EpisodePictures(args.logdir, next(iter(validation)))]
-    if args.recodex:
-        callbacks.append(GradedEpochLine(args.epochs, names))
+class EpisodePictures(keras.callbacks.Callback):
+    """After every epoch, writes pictures of the first `count` episodes of a validation batch to TensorBoard."""
 
-    train = training_batches(with_rotations(omniglot.train) if args.rotations else omniglot.train,
-                             args.classes, args.images_per_class, args.batch_size, args.train_episodes,
-                             args.seed, epochs=range(initial_epoch, args.epochs), shift=args.shift,
-                             first_occurrence_weight=args.first_occurrence_weight)
-    return train_and_save(model, args, train, validation, initial_epoch, callbacks, checkpoint)
+    def __init__(self, logdir, batch, count=3):
+        super().__init__()
+        (images, previous), labels = keras.tree.map_structure(np.asarray, batch)
+        self.inputs, self.labels = (images[:count], previous[:count]), labels[:count]
+        self.writer = tf.summary.create_file_writer(os.path.join(logdir, "episodes"))
+
+    def on_epoch_end(self, epoch, logs=None):
+        predictions = self.model.predict(self.inputs, verbose=0)
+        episodes = zip(self.inputs[0], self.labels, np.argmax(predictions, axis=-1), strict=True)
+        pictures = np.stack([figure_pixels(episode_figure(*episode, predictions.shape[-1])) for episode in episodes])
+        with self.writer.as_default():
+            tf.summary.image("validation episodes", pictures, step=epoch, max_outputs=len(pictures))
+        self.writer.flush()
+
 
 
 # The fused recurrence
 #
 # What `keras.layers.LSTM` does with cuDNN, this section does for the memory
-# cell: the same function by a faster route. Nothing above depends on it but
+# cell: the same function by a faster route. The method depends on it only in
 # `build_model`, which can do without it (`fused=False`).
 
 def unit_vectors_backward(units, inverse_norms, gradient):
@@ -1092,25 +1112,15 @@ class MemoryAugmentedRNN(keras.layers.RNN):
         batch_size = ops.shape(step.d_h)[0]
         heads_shape = (batch_size, cell.read_heads, cell.cell_size)
         d_h = step.d_h + d_after.h_read_before[:, :cell.units]
-        d_read = step.d_read_value + d_after.h_read_before[:, cell.units:]
-        d_read_value = ops.reshape(d_read[:, :cell.read_heads * cell.cell_size], heads_shape)
+        d_read_value = ops.reshape(step.d_read_value + d_after.h_read_before[:, cell.units:], heads_shape)
         gates, interface, read_weights = step.activations
 
         # The read: read_value = read_weights @ memory, read_weights = softmax(sharpness * unit keys @ unit cells).
-        unit_keys, key_norms = unit_vectors(ops.reshape(interface[:, cell.cell_size:cell.keys_end], heads_shape))
+        unit_keys, key_norms = unit_vectors(ops.reshape(interface[:, cell.cell_size:], heads_shape))
         unit_cells, cell_norms = unit_vectors(step.memory_before)
-        if cell.read_match or cell.read_strength:
-            similarity = ops.einsum("bhc,bmc->bhm", unit_keys, unit_cells)
-        strengths = interface[:, cell.keys_end:]  # (batch, read_heads) with read_strength, else empty
         d_read_weights = ops.einsum("bhc,bmc->bhm", d_read_value, step.memory_before)
         d_logits = read_weights * (d_read_weights - ops.sum(read_weights * d_read_weights, -1, keepdims=True))
-        d_similarity = cell.sharpness(interface) * d_logits
-        if cell.read_match:
-            # The best match, max over cells of the similarity: its gradient goes to the best cells, shared
-            # equally among ties (empty cells all tie at 0), as TensorFlow differentiates a max.
-            best = ops.cast(similarity == ops.max(similarity, axis=-1, keepdims=True), similarity.dtype)
-            d_best = d_read[:, cell.read_heads * cell.cell_size:]  # (batch, read_heads)
-            d_similarity = d_similarity + d_best[..., None] * best / ops.sum(best, axis=-1, keepdims=True)
+        d_similarity = cell.read_sharpness * d_logits
         d_keys = unit_vectors_backward(unit_keys, key_norms, ops.einsum("bhm,bmc->bhc", d_similarity, unit_cells))
         d_memory = (ops.einsum("bhm,bhc->bmc", read_weights, d_read_value)
                     + unit_vectors_backward(unit_cells, cell_norms,
@@ -1120,10 +1130,7 @@ class MemoryAugmentedRNN(keras.layers.RNN):
         d_keys = ops.reshape(d_keys, (batch_size, cell.read_heads * cell.cell_size))
         # The write value is cell 0 after the step.
         d_tanh = ops.concatenate([d_after.memory_before[:, 0], d_keys], axis=-1)
-        tanh = interface[:, :cell.keys_end]
-        # A strength s = softplus(z) has ds/dz = sigmoid(z) = 1 - exp(-s).
-        d_strengths = ops.sum(d_logits * similarity, axis=-1) if cell.read_strength else strengths
-        d_interface = ops.concatenate([d_tanh * (1 - tanh * tanh), d_strengths * -ops.expm1(-strengths)], axis=-1)
+        d_interface = d_tanh * (1 - interface * interface)
         d_h = d_h + ops.matmul(d_interface, ops.transpose(interface_kernel))
 
         # The controller: c = f * c_before + i * g, h = o * tanh(c).
@@ -1139,8 +1146,8 @@ class MemoryAugmentedRNN(keras.layers.RNN):
 
 
 if __name__ == "__main__":
-    args = parse_args()
     signal.signal(signal.SIGTERM, terminate)
+    args = parse_args()
     try:
         main(args)
     except DataError as error:

@@ -52,15 +52,10 @@ def unit(x):
     return x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-7)
 
 
-def softplus(x):
-    return np.logaddexp(0, x)
-
-
 def inside_the_reads(model, images, previous):
     """The model's recurrence run again to see inside: the CNN's features `[episodes, steps, features]`, and
     each head's cosine similarities and read weights `[episodes, heads, steps t, steps u]` of the key at step t
-    with the cell written at step u (at u >= t, an empty cell), and each read's sharpness `[episodes, heads,
-    steps]`."""
+    with the cell written at step u (at u >= t, an empty cell)."""
     rnn = next(layer for layer in model.layers if isinstance(getattr(layer, "cell", None), MemoryAugmentedLSTM))
     cell = rnn.cell
     inputs = keras.Model(model.inputs, rnn.input)((images, previous))  # the CNN's features first
@@ -75,17 +70,15 @@ def inside_the_reads(model, images, previous):
     hs, read_values = (np.swapaxes(ops.convert_to_numpy(x), 0, 1) for x in (hs, read_values))
     interface = hs @ ops.convert_to_numpy(cell.interface_layer.kernel) + ops.convert_to_numpy(cell.interface_layer.bias)
     writes = np.tanh(interface[..., :cell.cell_size])
-    keys = np.tanh(interface[..., cell.cell_size:cell.keys_end]).reshape(episodes, steps, cell.read_heads, -1)
-    sharpness = cell.read_sharpness + (softplus(interface[..., cell.keys_end:]) if cell.read_strength else 0)
-    sharpness = np.broadcast_to(sharpness, (episodes, steps, cell.read_heads)).transpose(0, 2, 1)[..., None]
+    keys = np.tanh(interface[..., cell.cell_size:]).reshape(episodes, steps, cell.read_heads, -1)
     written = np.tri(steps, k=-1, dtype=bool)  # [t, u]: u < t
     similarity = np.where(written, np.einsum("bthc,buc->bhtu", unit(keys), unit(writes)), 0)
-    read_weights = np.exp(sharpness * similarity)
+    read_weights = np.exp(cell.read_sharpness * similarity)
     read_weights /= read_weights.sum(axis=-1, keepdims=True)
     reads = np.einsum("bhtu,buc->bthc", read_weights * written, writes).reshape(episodes, steps, -1)
     np.testing.assert_allclose(reads, read_values[..., :reads.shape[-1]], atol=1e-4)
     features = ops.convert_to_numpy(inputs)[..., :model.get_layer("image_features").output.shape[-1]]
-    return features, similarity, read_weights, sharpness[..., 0]
+    return features, similarity, read_weights
 
 
 def auc(higher, lower):
@@ -100,7 +93,6 @@ def main(path, args):
     model = load_trained_model(path, args.classes, args.images_per_class)
     answered_seen, right, labels_seen = [], [], []  # at each first occurrence
     best_matches = {}  # name: best matches at first occurrences (but the first step), and at second ones
-    sharpnesses = []  # [episodes, heads, steps]: each read's sharpness, learned with --read_strength
     preferences = {}  # head: read weight per labelled cell, and per same-class cell, against per written cell
     nearest_right = []  # whether the CNN's nearest earlier image at a second occurrence is of its class
     tilted_right = {factor: ([], [], []) for factor in NEW_LABEL_FACTORS}  # at 1st, 2nd, all occurrences
@@ -122,8 +114,7 @@ def main(path, args):
             for values, steps in zip(kept, [first, second, np.ones_like(first)], strict=True):
                 values.append(tilted[steps])
 
-        features, similarity, read_weights, sharpness = inside_the_reads(model, images, previous)
-        sharpnesses.append(sharpness)
+        features, similarity, read_weights = inside_the_reads(model, images, previous)
         written = np.tri(labels.shape[1], k=-1, dtype=bool)  # [t, u]: u < t
         same_class = (labels[:, :, None] == labels[:, None, :]) & written  # [episode, t, u]
         labelled = np.pad(same_class[..., :-1], [[0, 0], [0, 0], [1, 0]]) & written  # step u - 1 of t's class
@@ -158,12 +149,6 @@ def main(path, args):
         by_label, by_image = np.concatenate(by_label).mean(), np.concatenate(by_image).mean()
         print(f"  read head {head + 1}: written right after an image of the class {by_label:.4f}, "
               f"written at one {by_image:.4f}")
-    sharpnesses = np.concatenate(sharpnesses)
-    print("each read's sharpness (learned with --read_strength):")
-    for head in range(sharpnesses.shape[1]):
-        low, high = np.percentile(sharpnesses[:, head], [5, 95])
-        print(f"  read head {head + 1}: sharpness {sharpnesses[:, head].mean():.4f} on average, "
-              f"{low:.4f} to {high:.4f} in 90% of the reads")
     print("best match, mean at 1st / 2nd occurrences, and its AUC (2nd above 1st):")
     for name, (at_first, at_second) in best_matches.items():
         at_first, at_second = np.concatenate(at_first), np.concatenate(at_second)

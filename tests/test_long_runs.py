@@ -13,12 +13,11 @@ import sys
 import numpy as np
 import pytest
 
-from conftest import ROOT, run_program
+from conftest import ROOT, compiled_model_of, run_program
 from learning_to_learn import (
     EpochCheckpoint,
     RunEnded,
     StopOnDivergence,
-    build_model,
     differing_flags,
     parse_args,
     parser,
@@ -57,7 +56,7 @@ def refusal(argv, capsys):
 
 def checkpointed_model(args, directory):
     """A model of `args` and its EpochCheckpoint in `directory`, claimed and restored as main does."""
-    model = build_model(args)
+    model = compiled_model_of(args)
     checkpoint = EpochCheckpoint(str(directory), run_flags(args))
     checkpoint.claim()
     checkpoint.set_model(model)
@@ -116,10 +115,15 @@ def test_flags_that_do_not_change_the_run_may_differ():
 
 def test_a_flag_newer_than_the_checkpoint_counts_as_its_default_there():
     older = run_flags(parse_args(TINY))
-    del older["read_strength"]
+    del older["cnn_filters"], older["feature_labels"]
     assert differing_flags(older, run_flags(parse_args(TINY))) == []
-    assert differing_flags(older, run_flags(parse_args([*TINY, "--read_strength"]))) == [
-        "--read_strength False in the checkpoint, True now"]
+    assert differing_flags(older, run_flags(parse_args([*TINY, "--feature_labels", "--cnn_filters=4,4"]))) == [
+        "--cnn_filters 8,16,32 in the checkpoint, 4,4 now", "--feature_labels False in the checkpoint, True now"]
+
+
+def test_a_checkpoint_flag_no_longer_known_is_ignored():
+    older = {**run_flags(parse_args(TINY)), "read_match": False}  # a flag of an earlier build
+    assert differing_flags(older, run_flags(parse_args(TINY))) == []
 
 
 def test_a_second_run_into_a_folder_in_use_is_refused(tmp_path):

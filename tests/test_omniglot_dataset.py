@@ -62,6 +62,8 @@ def test_download_converts_the_release_bit_for_bit(serve, offline_cache, monkeyp
     folder, url = serve
     small1 = os.path.join(SHARED_OMNIGLOT, "images_background_small1.zip")
     small2 = os.path.join(SHARED_OMNIGLOT, "images_background_small2.zip")
+    if not (os.path.exists(small1) and os.path.exists(small2)):
+        pytest.skip(f"needs the release's small zips in {SHARED_OMNIGLOT}")
     publish(folder, monkeypatch, {"train": ("images_background.zip", small1),
                                   "test": ("images_evaluation.zip", small2)})
     monkeypatch.setenv("OMNIGLOT_URL", url)
