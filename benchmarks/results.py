@@ -8,11 +8,12 @@
 
 `run` trains the named runs of RUNS one after another (run it from a clone
 of main, so that edits do not change a running program), keeps each output
-in benchmarks/logs/NAME.log, records its last epoch (never the best one),
-wall time, date and machine in runs.csv, and writes the tables. `record`
-does the same for runs made by hand: the log of
-`/usr/bin/time -v python3 learning_to_learn.py FLAGS > benchmarks/logs/NAME.log 2>&1`,
-its wall time read from `time`'s report. The chart needs matplotlib
+in benchmarks/logs/NAME.log, records its last epoch (never the best one) in
+runs.csv with where it ran (date, CPU, commit, wall time, peak memory, its
+flags), and writes the tables. `record` does the same for runs made by hand:
+the log of `/usr/bin/time -v python3 learning_to_learn.py FLAGS > benchmarks/logs/NAME.log 2>&1`,
+its wall time and peak memory read from `time`'s report; `--commit` names
+the commit its clone was at, `--note` what else ran on the machine. The chart needs matplotlib
 (pip install -r benchmarks/requirements.txt).
 """
 import argparse
@@ -20,6 +21,7 @@ import csv
 import os
 import platform
 import re
+import resource
 import subprocess
 import sys
 import time
@@ -29,6 +31,8 @@ sys.path.insert(0, ROOT)
 from learning_to_learn import OCCURRENCES, metric_names  # noqa: E402
 
 RECORD = os.path.join(ROOT, "benchmarks", "runs.csv")
+FIELDS = ["name", "seed", "date", "machine", "cpu", "commit", "wall", "peak_gib", "epochs", "val_loss", "val_acc",
+          "val_acc1", "val_acc2", "val_acc5", "val_acc10", "flags", "notes"]
 CHART = os.path.join(ROOT, "benchmarks", "accuracy_by_occurrence.png")
 LOGS = os.path.join(ROOT, "benchmarks", "logs")
 METRICS = [f"val_{name}" for name in metric_names(OCCURRENCES[-1])]
@@ -66,7 +70,8 @@ RUNS = {
     "cosine-shift-rotations-2heads-5way": BEST[:5] + ["--learning_rate_decay=cosine", "--epochs=60"],
     "best-5way": BEST,
     "best-5way-seed1": BEST + ["--seed=1"],
-    # Towards knowing when a character is new: each read with its best match.
+    # Towards knowing when a character is new: each read with its best match. (Flags removed since; the last
+    # commit that had them is d27f8af.)
     "match-best-5way": BEST + ["--read_match"],
     # A sharpness the controller sets itself, every step and head, on top of the recipe's.
     "strength-best-5way": BEST + ["--read_strength"],
@@ -93,6 +98,9 @@ RUNS = {
     # The 12 epochs with the loss weighed 1.75 times at a class's first drawing: readier to answer "new".
     "first-weight-best-5way": POOLED + ["--epochs=12", "--first_occurrence_weight=1.75"],
     "first-weight-best-5way-seed1": POOLED + ["--epochs=12", "--first_occurrence_weight=1.75", "--seed=1"],
+    # ... without the best match of the features: does the vote need it?
+    "no-feature-match-best-5way": [flag for flag in POOLED if flag != "--feature_match"]
+                                  + ["--epochs=12", "--first_occurrence_weight=1.75"],
     # 15-way episodes (150 steps, 150 cells) on the best recipe, as many epochs as an hour holds.
     "best-15way": ["--classes=15"] + BEST[1:-1] + ["--epochs=15"],
     "feature-labels-best-15way": ["--classes=15"] + BEST[1:-1] + ["--feature_match", "--feature_labels", "--epochs=15"],
@@ -101,10 +109,61 @@ RUNS = {
                                                                 "--first_occurrence_weight=1.75"],
 }
 BEST_RUN = "first-weight-best-5way"  # the headline's best recipe
-README_RUNS = ["default-5way", "default-2way", "pooled-cnn-best-5way-12epochs", BEST_RUN, f"{BEST_RUN}-seed1",
-               "feature-labels-best-15way"]
+BEST_SEEDS = [BEST_RUN, f"{BEST_RUN}-seed1"]  # its runs at other seeds: the headline shows their mean and range
+README_RUNS = ["default-5way", "default-2way", "pooled-cnn-best-5way-12epochs", *BEST_SEEDS,
+               "no-feature-match-best-5way", "feature-labels-best-15way"]
 CHART_RUNS = ["default-5way", "lstm-only-5way", "sharpness-5way", "best-5way", "feature-labels-best-5way",
               "pooled-cnn-best-5way-12epochs", BEST_RUN]
+# What each flag or training choice did: (the change, the run without it, the run with it, what became of it).
+EFFECTS = [
+    ("`--read_heads=0`: no reads", "default-5way", "lstm-only-5way", "the memory's share"),
+    ("`--read_sharpness=5`", "default-5way", "sharpness-5way", "in the recipe"),
+    ("`--read_sharpness=5`, 2-way", "default-2way", "sharpness-2way", "in the recipe"),
+    ("`--read_sharpness=10 --learning_rate=0.0005`", "sharpness-rotations-2heads-5way",
+     "sharpness10-rotations-2heads-5way", "not taken"),
+    ("`--rotations --read_heads=2`, 36 epochs", "default-5way", "rotations-2heads-5way", "in the recipe"),
+    ("`--shift=2`", "default-5way", "shift-5way", "in the recipe"),
+    ("`--shift=2`, 2-way: never used its memory", "default-2way", "shift-2way", "not for 2-way"),
+    ("`--shift=1`", "default-5way", "shift1-5way", "not taken"),
+    ("`--shift=2` on the first recipe", "sharpness-rotations-2heads-5way", "shift-rotations-2heads-5way",
+     "in the recipe"),
+    ("`--learning_rate_decay=cosine`", "default-5way", "cosine-5way", "not on 20 epochs"),
+    ("`--learning_rate_decay=cosine`, 60 epochs", "shift-rotations-2heads-5way",
+     "cosine-shift-rotations-2heads-5way", "in the recipe"),
+    ("`--cnn_filters=16,32,64 --learning_rate=0.0005`, 36 epochs", "sharpness-rotations-2heads-5way", "wide-5way",
+     "not taken"),
+    ("`--cell_size=80`", "cosine-shift-rotations-2heads-5way", "best-5way", "in the recipe"),
+    ("`--read_match`", "best-5way", "match-best-5way", "removed"),
+    ("`--read_strength`", "best-5way", "strength-best-5way", "removed"),
+    ("`--feature_match`, 20 epochs", "sharpness-5way", "feature-match-sharpness-5way", "in the recipe"),
+    ("`--feature_match`", "best-5way", "feature-match-best-5way", "in the recipe"),
+    ("`--feature_labels`, 20 epochs", "feature-match-sharpness-5way", "feature-labels-sharpness-5way",
+     "in the recipe"),
+    ("`--feature_labels`", "feature-match-best-5way", "feature-labels-best-5way", "in the recipe"),
+    ("`--feature_match --feature_labels`, 15-way", "best-15way", "feature-labels-best-15way", "the 15-way recipe"),
+    ("`--cnn_pooling --cnn_filters=32,32,32,32`, 11 epochs", "feature-labels-best-5way", "pooled-cnn-best-5way",
+     "in the recipe"),
+    ("12 epochs instead of 11", "pooled-cnn-best-5way", "pooled-cnn-best-5way-12epochs", "in the recipe"),
+    ("14 epochs (a faster build)", "pooled-cnn-best-5way-12epochs", "pooled-cnn-best-5way-14epochs", "not taken"),
+    ("`--cnn_filters=48,48,48,48`, 9 epochs", "pooled-cnn-best-5way-14epochs", "pooled-cnn48-best-5way",
+     "not taken"),
+    ("`--first_occurrence_weight=1.75`", "pooled-cnn-best-5way-12epochs", "first-weight-best-5way",
+     "in the recipe"),
+    ("`--first_occurrence_weight=1.75`, 15-way", "feature-labels-best-15way", "first-weight-best-15way",
+     "not for 15-way"),
+    ("without `--feature_match`", "first-weight-best-5way", "no-feature-match-best-5way", "kept: the vote needs it"),
+    ("`--seed=1`: a seed's spread", "best-5way", "best-5way-seed1", ""),
+    ("`--seed=1`", "feature-match-sharpness-5way", "feature-match-sharpness-5way-seed1", ""),
+    ("`--seed=1`", "feature-labels-best-5way", "feature-labels-best-5way-seed1", ""),
+    ("`--seed=1`", "pooled-cnn-best-5way", "pooled-cnn-best-5way-seed1", ""),
+    ("`--seed=1`", "first-weight-best-5way", "first-weight-best-5way-seed1", ""),
+]
+# Flags that change no figure: what they do is tested, not measured.
+TOOLS = ["--checkpoint_dir", "--save_model", "--logdir", "--evaluate", "--threads"]
+# The best recipe, a step at a time: each run adds to the one before.
+RECIPE_STEPS = ["default-5way", "sharpness-5way", "sharpness-rotations-2heads-5way", "shift-rotations-2heads-5way",
+                "cosine-shift-rotations-2heads-5way", "best-5way", "feature-labels-best-5way",
+                "pooled-cnn-best-5way-12epochs", "first-weight-best-5way"]
 # 5-way, 10 drawings per class, at the 1st, 2nd, 5th and 10th occurrence: the assignment's example log
 # (20 epochs) and Santoro et al., ICML 2016, table 1 (their split of Omniglot, 100,000 episodes).
 ANCHORS = {
@@ -138,14 +197,30 @@ def flags_cell(name, bases):
     return f"`{' '.join(RUNS[name])}`"
 
 
+def mean_and_range(values):
+    """`0.4253 (0.4208-0.4298)`: the mean of a figure over seeds, and its least and largest value."""
+    values = [float(value) for value in values]
+    if len(values) == 1:
+        return f"{values[0]:.4f}"
+    return f"{sum(values) / len(values):.4f} ({min(values):.4f}-{max(values):.4f})"
+
+
+def difference(before, after):
+    return f"{float(after) - float(before):+.4f}"
+
+
 def tables(record):
     """{marker: Markdown table} of what README.md and benchmarks/README.md show."""
+    occurrence_columns = [f"val_acc{nth}" for nth in OCCURRENCES]
     headline = ["| | val_acc | 1st | 2nd | 5th | 10th | training |", "| --- | --- | --- | --- | --- | --- | --- |"]
-    for title, name in [("default flags", "default-5way"), ("the best recipe", BEST_RUN)]:
-        run = record[name]
-        headline.append(f"| {title} (5-way, {run['epochs']} epochs) | {run['val_acc']} | "
-                        + " | ".join(run[f"val_acc{nth}"] for nth in OCCURRENCES)
-                        + f" | {run['wall']} on {run['machine']} |")
+    for title, names in [("default flags", ["default-5way"]), ("the best recipe", BEST_SEEDS)]:
+        runs = [record[name] for name in names]
+        seeds = f", mean of {len(runs)} seeds (range)" if len(runs) > 1 else ""
+        walls = ", ".join(run["wall"] for run in runs)
+        headline.append(f"| {title} (5-way, {runs[0]['epochs']} epochs{seeds}) | "
+                        + " | ".join(mean_and_range([run[column] for run in runs])
+                                     for column in ["val_acc", *occurrence_columns])
+                        + f" | {walls} on {runs[0]['machine']} |")
     for title in list(ANCHORS)[:2] + list(ANCHORS)[-1:]:
         headline.append(f"| {title} | | {occurrence_cells(ANCHORS[title])} | |")
 
@@ -159,14 +234,25 @@ def tables(record):
                          f"{run['date']} | " + " | ".join(run[column] for column in columns) + " |")
         return lines
 
+    effects = ["| change | run without | run with | 1st | 2nd | 5th | 10th | became |",
+               "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for change, before, after, verdict in EFFECTS:
+        effects.append(f"| {change} | {before} | {after} | "
+                       + " | ".join(difference(record[before][column], record[after][column])
+                                    for column in occurrence_columns) + f" | {verdict} |")
+    effects.append(f"| {', '.join(f'`{flag}`' for flag in TOOLS)} | | | | | | | change no figure (tested) |")
+    steps = ["| step | adds | epochs | wall | 1st | 2nd | 5th | 10th |", "| --- " * 8 + "|"]
+    for before, name in zip([None, *RECIPE_STEPS[:-1]], RECIPE_STEPS, strict=True):
+        run = record[name]
+        added = [flag for flag in RUNS[name] if flag not in RUNS.get(before, []) and not flag.startswith("--epochs")]
+        steps.append(f"| {name} | {' '.join(f'`{flag}`' for flag in added)} | {run['epochs']} | {run['wall']} | "
+                     + " | ".join(run[column] for column in occurrence_columns) + " |")
     anchors = ["| anchor (5-way) | 1st | 2nd | 5th | 10th |", "| --- | --- | --- | --- | --- |"]
     anchors += [f"| {title} | {occurrence_cells(values)} |" for title, values in ANCHORS.items()]
-    occurrence_columns = [f"val_acc{nth}" for nth in OCCURRENCES]
     readme = runs_table(README_RUNS, occurrence_columns, headers=["1st", "2nd", "5th", "10th"], short=True)
     readme += [f"| {title} | | | | | | | {occurrence_cells(values)} |" for title, values in README_ANCHORS.items()]
-    recorded = [name for name in RUNS if name in record]
-    return {"headline": "\n".join(headline), "readme-runs": "\n".join(readme),
-            "anchors": "\n".join(anchors), "all-runs": "\n".join(runs_table(recorded, METRICS))}
+    return {"headline": "\n".join(headline), "readme-runs": "\n".join(readme), "effects": "\n".join(effects),
+            "recipe": "\n".join(steps), "anchors": "\n".join(anchors)}
 
 
 def marked(name):
@@ -239,17 +325,19 @@ def run(names):
             subprocess.run([sys.executable, os.path.join(ROOT, "learning_to_learn.py"), *RUNS[name]],
                            stdout=output, stderr=subprocess.STDOUT, check=True)
         minutes, seconds = divmod(int(time.monotonic() - start), 60)
-        add_to_record(name, f"{minutes}:{seconds:02d}")
+        # The largest child so far: the runs come one after another, so a smaller one shows no figure of its own.
+        add_to_record(name, f"{minutes}:{seconds:02d}", resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024)
     write()
 
 
-def record_logs(names):
+def record_logs(names, note="", commit=None):
     for name in names:
-        log = os.path.join(LOGS, f"{name}.log")
-        wall = re.findall(r"Elapsed \(wall clock\) time \(h:mm:ss or m:ss\): (\S+)", open(log, errors="replace").read())
+        text = open(os.path.join(LOGS, f"{name}.log"), errors="replace").read()
+        wall = re.findall(r"Elapsed \(wall clock\) time \(h:mm:ss or m:ss\): (\S+)", text)
         if not wall:
-            sys.exit(f"results.py: error: {log} holds no wall time of /usr/bin/time -v")
-        add_to_record(name, wall[-1].split(".")[0])
+            sys.exit(f"results.py: error: {LOGS}/{name}.log holds no wall time of /usr/bin/time -v")
+        peak = re.findall(r"Maximum resident set size \(kbytes\): (\d+)", text)
+        add_to_record(name, wall[-1].split(".")[0], int(peak[-1]) * 1024 if peak else None, note, commit)
     write()
 
 
@@ -261,20 +349,42 @@ def compact(log):
         file.write("\n".join(line for line in lines if "val_" in line or not re.match(r"\s*\d+/\d+ ", line)))
 
 
-def add_to_record(name, wall):
-    """Records the run `name` from its log, with its wall time, on this machine, today."""
+def add_to_record(name, wall, peak_bytes=None, note="", commit=None):
+    """Records the run `name` from its log, with its wall time and peak memory, on this machine, today."""
     record = read_record()
     compact(os.path.join(LOGS, f"{name}.log"))
     metrics, epochs = last_epoch(os.path.join(LOGS, f"{name}.log"))
     seed = next((flag.split("=")[1] for flag in RUNS[name] if flag.startswith("--seed=")), "42")
     record[name] = {"name": name, "seed": seed, "date": time.strftime("%Y-%m-%d"),
-                    "machine": f"{'GPU' if gpu() else 'CPU'}, {os.cpu_count()} cores", "wall": wall,
-                    "epochs": epochs, **metrics}
+                    "machine": f"{'GPU' if gpu() else 'CPU'}, {os.cpu_count()} cores", "cpu": cpu(),
+                    "commit": commit or head(), "wall": wall, "epochs": epochs, "flags": " ".join(RUNS[name]),
+                    "notes": note,
+                    # truncated, never rounded up
+                    "peak_gib": f"{int(peak_bytes / 2**30 * 100) / 100:.2f}" if peak_bytes else "", **metrics}
     with open(RECORD, "w", newline="") as file:
-        writer = csv.DictWriter(file, fieldnames=["name", "seed", "date", "machine", "wall", "epochs", *METRICS])
+        writer = csv.DictWriter(file, fieldnames=FIELDS)
         writer.writeheader()
         writer.writerows(record[known] for known in RUNS if known in record)
     print(f"{name}: {wall} on {platform.node()}", file=sys.stderr)
+
+
+def cpu():
+    """The CPU's model name and its widest vector instructions, from /proc/cpuinfo where there is one."""
+    try:
+        info = open("/proc/cpuinfo").read()
+    except OSError:
+        return platform.processor()
+    model = re.search(r"^model name\s*: (.*)$", info, re.MULTILINE)
+    flags = set(re.search(r"^flags\s*: (.*)$", info, re.MULTILINE).group(1).split())
+    widest = next((name for flag, name in [("avx512f", "AVX-512"), ("avx2", "AVX2"), ("avx", "AVX")]
+                   if flag in flags), "no AVX")
+    return f"{model.group(1) if model else platform.processor()}, {widest}"
+
+
+def head():
+    """The commit checked out here: `run` starts the program from this clone."""
+    found = subprocess.run(["git", "-C", ROOT, "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
+    return found.stdout.strip()
 
 
 def gpu():
@@ -286,14 +396,16 @@ def gpu():
 if __name__ == "__main__":
     options = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     options.add_argument("command", choices=["write", "check", "run", "record"])
-    options.add_argument("names", nargs="*", metavar="NAME", help="Runs of RUNS, for run.")
+    options.add_argument("names", nargs="*", metavar="NAME", help="Runs of RUNS, for run and record.")
+    options.add_argument("--note", default="", help="For record: what else ran on the machine.")
+    options.add_argument("--commit", default=None, help="For record: the commit of the run's clone (default: HEAD).")
     arguments = options.parse_args()
     if unknown := [name for name in arguments.names if name not in RUNS]:
         options.error(f"no such run: {', '.join(unknown)}; RUNS has {', '.join(RUNS)}")
     if arguments.command == "run":
         run(arguments.names)
     elif arguments.command == "record":
-        record_logs(arguments.names)
+        record_logs(arguments.names, arguments.note, arguments.commit)
     elif arguments.command == "write":
         write()
     elif stale := check():

@@ -1,6 +1,7 @@
 """benchmarks/results.py: the tables of both READMEs are written from the record of runs, benchmarks/runs.csv."""
 import importlib.util
 import os
+import re
 
 from conftest import ROOT
 
@@ -58,3 +59,26 @@ def test_a_compacted_log_keeps_each_epochs_last_line(tmp_path):
                    "625/625 ━━ 57s 90ms/step - loss: 1.2 - val_acc: 0.3000\nEpoch 2/2\n")
     results.compact(log)
     assert log.read_text() == "Epoch 1/2\n625/625 ━━ 57s 90ms/step - loss: 1.2 - val_acc: 0.3000\nEpoch 2/2\n"
+
+
+# The flags of the course's template: every other flag of --help is this program's, and its effect is measured.
+TEMPLATE_FLAGS = {"batch_size", "cell_size", "classes", "epochs", "images_per_class", "lstm_dim", "recodex",
+                  "read_heads", "seed", "test_episodes", "threads", "train_episodes"}
+
+
+def test_the_first_table_of_the_findings_names_every_flag_not_the_templates():
+    from learning_to_learn import FLAGS
+
+    findings = open(os.path.join(ROOT, "benchmarks", "README.md")).read()
+    first_table = re.search(r"(^\|.*\n)+", findings, re.MULTILINE).group(0).rstrip("\n")
+    assert first_table == results.tables(results.read_record())["effects"]
+    named = set(re.findall(r"--(\w+)", first_table))
+    assert set(FLAGS) - TEMPLATE_FLAGS <= named, set(FLAGS) - TEMPLATE_FLAGS - named
+
+
+def test_the_headline_shows_the_mean_and_range_of_the_best_recipes_seeds():
+    record = results.read_record()
+    firsts = [float(record[name]["val_acc1"]) for name in results.BEST_SEEDS]
+    assert len(firsts) >= 2
+    expected = f"{sum(firsts) / len(firsts):.4f} ({min(firsts):.4f}-{max(firsts):.4f})"
+    assert expected in results.tables(record)["headline"].splitlines()[3]
