@@ -98,6 +98,7 @@ RUNS = {
     # The 12 epochs with the loss weighed 1.75 times at a class's first drawing: readier to answer "new".
     "first-weight-best-5way": POOLED + ["--epochs=12", "--first_occurrence_weight=1.75"],
     "first-weight-best-5way-seed1": POOLED + ["--epochs=12", "--first_occurrence_weight=1.75", "--seed=1"],
+    "first-weight-best-5way-seed2": POOLED + ["--epochs=12", "--first_occurrence_weight=1.75", "--seed=2"],
     # ... without the best match of the features: does the vote need it?
     "no-feature-match-best-5way": [flag for flag in POOLED if flag != "--feature_match"]
                                   + ["--epochs=12", "--first_occurrence_weight=1.75"],
