@@ -20,14 +20,21 @@ need (checks of flags and files, checkpoints, signals), TensorBoard's
 pictures, and the fused recurrence, which runs the same cell faster with a
 hand-written backward pass.
 """
+import os
+import signal
+import sys
+
+if __name__ == "__main__":  # Ctrl-C or SIGTERM while TensorFlow loads ends the program as later: in one line
+    for number, status in [(signal.SIGINT, 130), (signal.SIGTERM, 143)]:
+        signal.signal(number, lambda *_, status=status: (print(f"{os.path.basename(sys.argv[0])}: interrupted",
+                                                               file=sys.stderr), os._exit(status)))
+
 import argparse
 import contextlib
 import importlib.util
 import json
 import math
-import os
-import signal
-import sys
+import time
 import warnings
 import zipfile
 from typing import NamedTuple
@@ -47,7 +54,7 @@ import tensorflow as tf
 from keras import ops
 from tensorflow.python.framework.config import is_op_determinism_enabled  # what Keras asks before using XLA
 
-from omniglot_dataset import DataError, Omniglot, unwritable, write_atomically
+from omniglot_dataset import DataError, Omniglot, leftovers, not_a_file, unwritable, write_atomically
 
 # Flags
 
@@ -77,10 +84,7 @@ def add_flag(group, name, *, of_the_run=True, training_only=True, least=None, mo
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """One line a flag, with its default where it has one."""
-
-    def __init__(self, prog):
-        super().__init__(prog, max_help_position=30)
+    """Each flag's help, with its default where it has one."""
 
     def _get_help_string(self, action):
         return action.help if action.default in (None, False) else super()._get_help_string(action)
@@ -88,7 +92,7 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
 
 parser = argparse.ArgumentParser(
     description="Meta-learns few-shot Omniglot classification with a memory-augmented LSTM.",
-    formatter_class=HelpFormatter)
+    formatter_class=lambda prog: HelpFormatter(prog, max_help_position=30))
 data = parser.add_argument_group("data (OMNIGLOT_DATA names a local npz file, else the Keras cache or a download)")
 # An episode needs two classes to tell apart.
 add_flag(data, "classes", training_only=False, default=5, type=int, least=2, metavar="N",
@@ -99,7 +103,7 @@ add_flag(data, "train_episodes", default=10000, type=int, least=1, metavar="N",
          help="Training episodes per epoch, fresh every epoch.")
 add_flag(data, "rotations", default=False, action="store_true",
          help="Train also on every character rotated by 90, 180 and 270 degrees, each a new character.")
-add_flag(data, "shift", default=0, type=int, least=0, metavar="N",
+add_flag(data, "shift", default=0, type=int, least=0, most=Omniglot.H - 1, metavar="N",
          help="Move every training image by up to N pixels each way, at random.")
 add_flag(data, "test_episodes", training_only=False, default=1000, type=int, least=1, metavar="N",
          help="Validation episodes, the same every epoch.")
@@ -605,9 +609,7 @@ def main(args, callbacks=()):
 
     omniglot = Omniglot()
     check_episodes_fit(args, omniglot)
-    checkpoint = EpochCheckpoint(args.checkpoint_dir, run_flags(args)) if args.checkpoint_dir else None
-    if checkpoint:
-        checkpoint.claim()
+    checkpoint = EpochCheckpoint(args.checkpoint_dir, run_flags(args)).claim() if args.checkpoint_dir else None
     names = metric_names(args.images_per_class)
     validation = validation_batches(omniglot.test, args.classes, args.images_per_class, args.batch_size,
                                     args.test_episodes)
@@ -630,8 +632,6 @@ def main(args, callbacks=()):
     if checkpoint:
         initial_epoch = checkpoint.restore(model)
         callbacks.append(checkpoint)
-        if initial_epoch >= args.epochs:
-            print(f"{initial_epoch} epochs are done in {args.checkpoint_dir}: nothing to train.", file=sys.stderr)
     if args.logdir:
         callbacks += [keras.callbacks.TensorBoard(args.logdir), EpisodePictures(args.logdir, next(iter(validation)))]
     if args.recodex:
@@ -641,7 +641,7 @@ def main(args, callbacks=()):
                              args.classes, args.images_per_class, args.batch_size, args.train_episodes,
                              args.seed, epochs=range(initial_epoch, args.epochs), shift=args.shift,
                              first_occurrence_weight=args.first_occurrence_weight)
-    with told_what_is_kept(checkpoint):
+    with told_what_is_kept(checkpoint, args.save_model):
         # shuffle=False: the episodes are drawn at random already, and a tf.data input cannot be shuffled by fit.
         history = model.fit(train, epochs=args.epochs, steps_per_epoch=steps, initial_epoch=initial_epoch,
                             shuffle=False, validation_data=validation, verbose=verbose, callbacks=callbacks)
@@ -680,8 +680,10 @@ def parse_args(argv=None):
             continue
         if role.least is not None and value < role.least:
             refuse(flag, f"must be at least {role.least}")
-        if role.most is not None and value > role.most:
-            refuse(flag, f"must be at most {role.most}")
+        # A count with no bound of its own: TensorFlow's shapes and counts are int32.
+        most = role.most if role.most is not None or not isinstance(value, int) else 2**31 - 1
+        if most is not None and value > most:
+            refuse(flag, f"must be at most {most}")
         if role.above is not None and not role.above < value < math.inf:  # nan too
             refuse(flag, f"must be a finite number above {role.above}")
 
@@ -700,8 +702,15 @@ def parse_args(argv=None):
         refuse_path("save_model", "expected a name ending in .keras")
     if args.save_model and not os.path.isdir(os.path.dirname(os.path.abspath(args.save_model))):
         refuse_path("save_model", "its folder does not exist")
-    if args.evaluate and not os.path.isfile(args.evaluate):
+    if args.evaluate and not os.path.exists(args.evaluate):
         refuse_path("evaluate", "no such file")
+    # A folder, a named pipe or a device: reading one waits forever or never ends, replacing one fails at the end.
+    for flag, path in [("evaluate", args.evaluate), ("save_model", args.save_model),
+                       *[("checkpoint_dir", os.path.join(args.checkpoint_dir, name)) for name in CHECKPOINT_FILES
+                         if args.checkpoint_dir]]:
+        if path and (kind := not_a_file(path)):
+            refuse_path(flag, f"{'its ' + os.path.basename(path) if flag == 'checkpoint_dir' else 'it'} is {kind}, "
+                              "not a file")
     for flag in ["checkpoint_dir", "logdir"]:
         folder = getattr(args, flag)
         if folder and os.path.exists(folder) and not os.path.isdir(folder):
@@ -718,10 +727,13 @@ def parse_args(argv=None):
     if reported_occurrences(args.images_per_class) != OCCURRENCES:
         print(f"Note: with --images_per_class={args.images_per_class} no class appears {OCCURRENCES[-1]} times "
               f"in an episode: only {', '.join(metric_names(args.images_per_class))} are reported.", file=sys.stderr)
-    needed, available = memory_states_gib(args), physical_memory_gib()
-    if needed > available:
-        parser.error(f"arguments --classes, --images_per_class, --batch_size, --cell_size: the memory states of a "
-                     f"batch need about {needed:.1f} GiB, more than this machine's {available:.1f} GiB")
+    needs, limits = memory_needed(args), memory_limits()
+    total = sum(size for *_, size in needs)
+    if limits and total > (left := min(limits))[0]:
+        what, flags, size = max(needs, key=lambda need: need[2])
+        parser.error(f"argument{'s' * (len(flags) > 1)} {', '.join(f'--{flag}' for flag in flags)}: {what} need "
+                     f"about {size / 2**30:.1f} GiB, the run {total / 2**30:.1f} GiB in all, more than the "
+                     f"{max(left[0], 0) / 2**30:.1f} GiB left of {left[1]}")
     return args
 
 
@@ -733,17 +745,83 @@ def image_side(convolutions, pooling):
     return side
 
 
-def memory_states_gib(args):
-    """About what training keeps of the external memory for one batch: each step's, forward and backward."""
-    cells = episode_length(args.classes, args.images_per_class)
-    return 3 * cells * args.batch_size * cells * args.cell_size * 4 / 2**30  # steps = cells, float32
+def memory_needed(args):
+    """About the bytes a run holds at its peak, less TensorFlow's own: `[(what, the flags that size it, bytes)]`.
+
+    A lower bound: a run refused for it could not have run. The episodes count the release's characters.
+    """
+    steps = episode_length(args.classes, args.images_per_class)
+    batch = min(args.batch_size, max(args.train_episodes, args.test_episodes))
+    # Training keeps each step's memory, read weights and controller state for the backward pass, 4 bytes a number,
+    side, activations = Omniglot.H, 3 * steps * args.cell_size + 3 * args.read_heads * steps + 16 * args.lstm_dim
+    for filters in args.cnn_filters:  # and about 4 arrays an image a convolution: its output, normalised, rectified
+        side = side if args.cnn_pooling else (side - 3) // 2 + 1  # and its gradient
+        activations += 4 * side * side * filters
+        side = side // 2 if args.cnn_pooling else side
+    # Drawing episodes sorts a random key for each character in each episode, 16 bytes with its rank, and keeps
+    # each step's image, labels and move.
+    characters = {split: count * (4 if args.rotations and split == "train" else 1)
+                  for split, count in Omniglot.CHARACTERS.items()}
+    episodes = {split: count * (characters[split] * 16 + steps * 40)
+                for split, count in [("train", 0 if args.evaluate else args.train_episodes),
+                                     ("test", args.test_episodes)]}
+    # The controller's weights dominate the model's; Adam keeps two more of each, and training a gradient.
+    features = args.cnn_filters[-1] * image_side(len(args.cnn_filters), args.cnn_pooling) ** 2
+    reads = args.read_heads * args.cell_size
+    weights = (4 * args.lstm_dim * (features + args.classes + 2 + reads + args.lstm_dim)
+               + args.lstm_dim * (reads + args.cell_size) + (args.lstm_dim + reads) * args.lstm_dim)
+    images = (sum(characters.values())) * 20 * Omniglot.H * Omniglot.W * 4
+    return [("the memory states of a batch", ["classes", "images_per_class", "batch_size", "cell_size", "lstm_dim",
+                                              "read_heads"], 4 * steps * batch * activations),
+            ("a training epoch's episodes", ["train_episodes"], episodes["train"]),
+            ("the validation episodes", ["test_episodes"], episodes["test"]),
+            ("the model's weights", ["lstm_dim", "cell_size", "read_heads"], 4 * 4 * weights),
+            ("the images", ["rotations"], images)]
 
 
-def physical_memory_gib():
-    try:
-        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
-    except (ValueError, OSError):  # not known here: nothing to check against
-        return math.inf
+CGROUP_ROOT, OWN_CGROUP = "/sys/fs/cgroup", "/proc/self/cgroup"
+
+
+def memory_limits():
+    """`[(bytes left, what limits them)]`: the machine's RAM and the cgroup's limit less what this process holds,
+    the address space limit (`ulimit -v`) less what it maps. Empty where none is known."""
+    status = {}
+    with contextlib.suppress(OSError):
+        status = dict(line.split(":", 1) for line in open("/proc/self/status") if ":" in line)
+    resident, mapped = (int(status.get(key, "0 kB").split()[0]) * 1024 for key in ["VmRSS", "VmSize"])
+    limits = []
+    with contextlib.suppress(ValueError, OSError, AttributeError):
+        limits.append((os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") - resident, "this machine's RAM"))
+    if cgroup := cgroup_memory_limit():
+        limits.append((cgroup[0] - resident, f"the cgroup's memory limit ({cgroup[1]})"))
+    with contextlib.suppress(ImportError):  # Windows has no resource module
+        import resource
+
+        address_space = resource.getrlimit(resource.RLIMIT_AS)[0]
+        if address_space != resource.RLIM_INFINITY:
+            limits.append((address_space - mapped, "the address space limit RLIMIT_AS (ulimit -v)"))
+    return limits
+
+
+def cgroup_memory_limit():
+    """This process's cgroup memory limit and the file that sets it, `(bytes, path)`, or None: cgroup v2's
+    memory.max, v1's memory.limit_in_bytes (whose "no limit" is near 2**63)."""
+    with contextlib.suppress(OSError):
+        for line in open(OWN_CGROUP).read().splitlines():
+            _, controllers, group = line.split(":", 2)
+            if controllers == "":
+                paths = [f"{CGROUP_ROOT}{group}/memory.max", f"{CGROUP_ROOT}/memory.max"]
+            elif "memory" in controllers.split(","):
+                paths = [f"{CGROUP_ROOT}/memory{group}/memory.limit_in_bytes",
+                         f"{CGROUP_ROOT}/memory/memory.limit_in_bytes"]
+            else:
+                continue
+            for path in paths:
+                with contextlib.suppress(OSError, ValueError):
+                    limit = open(path).read().strip()
+                    if limit != "max" and int(limit) < 2**62:
+                        return int(limit), os.path.normpath(path)
+    return None
 
 
 def check_episodes_fit(args, omniglot):
@@ -811,6 +889,9 @@ def differing_flags(saved, current):
             for flag, value in current.items() if flag not in ignored and saved[flag] != value]
 
 
+CHECKPOINT_FILES = ["checkpoint.npz", "lock"]  # what a checkpoint folder holds
+
+
 class EpochCheckpoint(keras.callbacks.Callback):
     """After every epoch, saves the weights, the optimizer state, the run's flags and the number of epochs
     done into one npz file, replaced atomically: a kill leaves the last epoch's file or the one before.
@@ -822,34 +903,63 @@ class EpochCheckpoint(keras.callbacks.Callback):
 
     def __init__(self, directory, run):
         super().__init__()
-        self.directory, self.run = directory, run
-        self.path = os.path.join(directory, "checkpoint.npz")
-        self.epochs_done, self.saved = 0, None
+        self.directory, self.run, self.saved = directory, run, None
+        self.path, self.lock_path = (os.path.join(directory, name) for name in CHECKPOINT_FILES)
 
     def claim(self):
-        """Locks the folder for this process and checks that a checkpoint in it is one of this run."""
+        """Locks the folder for this process, checks that a checkpoint in it is one of this run, and removes what
+        killed writes left; returns itself."""
         os.makedirs(self.directory, exist_ok=True)
-        self.lock = open(os.path.join(self.directory, "lock"), "w")  # the kernel releases it when we die
+        for path in [self.path, self.lock_path]:  # as parse_args does: either may have changed since
+            if kind := not_a_file(path):
+                raise DataError(f"{path} is {kind}, not a file: choose another --checkpoint_dir")
+        self.lock = open(self.lock_path, "w")  # the kernel releases it when we die
         try:
             if fcntl:
                 fcntl.flock(self.lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             raise DataError(f"another run is training into {self.directory}: let it finish, "
                             "or choose another --checkpoint_dir") from None
-        if not os.path.exists(self.path):
-            return
-        try:
-            if not zipfile.is_zipfile(self.path):
-                raise ValueError("not an npz file")
-            with np.load(self.path, allow_pickle=False) as saved:
-                self.saved = {key: saved[key] for key in saved.files}
-            run = json.loads(str(self.saved.pop("run")))
-        except Exception as error:
-            raise DataError(f"cannot read the checkpoint {self.path} ({error}); "
-                            "choose another --checkpoint_dir to start anew") from None
-        if differences := differing_flags(run, self.run):
-            raise DataError(f"{self.directory} holds a run of other flags ({'; '.join(differences)}): run its "
-                            "original command to continue it, or choose another --checkpoint_dir to start anew")
+        if os.path.exists(self.path):
+            try:
+                self.saved = self.read()
+            except Exception as error:
+                raise self.refusal(error) from None
+            if differences := differing_flags(self.saved[0], self.run):
+                raise DataError(f"{self.directory} holds a run of other flags ({'; '.join(differences)}): run its "
+                                "original command to continue it, or choose another --checkpoint_dir to start anew")
+        for leftover in leftovers(self.path):
+            os.remove(leftover)
+        return self
+
+    def refusal(self, reason):
+        return DataError(f"cannot read the checkpoint {self.path} ({reason}); "
+                         "choose another --checkpoint_dir to start anew")
+
+    def read(self):
+        """`(run, epochs, arrays)` of the checkpoint file, each held to what `on_epoch_end` writes: a ValueError
+        says what differs. The arrays' shapes are the model's to check, in `restore`."""
+        if not zipfile.is_zipfile(self.path):
+            raise ValueError("not an npz file")
+        with np.load(self.path, allow_pickle=False) as saved:
+            arrays = {name: saved[name] for name in saved.files}
+        count = len(set(arrays) - {"run", "epochs"})
+        if set(arrays) != {"run", "epochs", *[f"variable_{index}" for index in range(count)]}:
+            raise ValueError(f"it holds {', '.join(sorted(arrays))}; expected run, epochs and variable_0 onwards")
+        run, epochs = arrays.pop("run"), arrays.pop("epochs")
+        if run.shape or run.dtype.kind != "U" or not isinstance(run := json.loads(str(run)), dict):
+            raise ValueError("its run is not a JSON object of flags")
+        for flag, value in run.items():
+            expected = self.run.get(flag)
+            if flag in self.run and not (type(value) is type(expected) and (
+                    not isinstance(value, list) or all(type(item) is int for item in value))):
+                raise ValueError(f"its run's --{flag} is {value!r}, not of the type of {expected!r}")
+        most = run.get("epochs", defaults()["epochs"])
+        if epochs.shape or epochs.dtype.kind not in "iu" or not 0 <= int(epochs) <= most:
+            raise ValueError(f"its epochs are {epochs.tolist()!r}; expected a whole number from 0 to {most}")
+        if strange := [name for name, array in arrays.items() if array.dtype.kind not in "fiu"]:
+            raise ValueError(f"{', '.join(strange)} hold no numbers")
+        return run, int(epochs), [arrays[f"variable_{index}"] for index in range(count)]
 
     @staticmethod
     def variables(model):
@@ -860,20 +970,23 @@ class EpochCheckpoint(keras.callbacks.Callback):
         """Loads the claimed checkpoint, if any, into `model`; returns the number of epochs it has done."""
         if self.saved is None:
             return 0
+        _, epochs, arrays = self.saved
         model.optimizer.build(model.trainable_variables)
         variables = self.variables(model)
-        arrays = [self.saved.get(f"variable_{index}") for index in range(len(variables))]
-        if len(self.saved) != len(variables) + 1 or any(array is None or array.shape != tuple(variable.shape)
-                                                         for array, variable in zip(arrays, variables, strict=True)):
-            raise DataError(f"the checkpoint {self.path} lacks weights or optimizer state of this model; "
-                            "choose another --checkpoint_dir to start anew")
+        if len(arrays) != len(variables):
+            raise self.refusal(f"it holds {len(arrays)} arrays of weights and optimizer state, this model "
+                               f"{len(variables)}")
+        for index, (array, variable) in enumerate(zip(arrays, variables, strict=True)):
+            if array.shape != tuple(variable.shape) or array.dtype != variable.dtype:
+                raise self.refusal(f"its variable_{index} is {array.dtype} {array.shape}, this model's "
+                                   f"{variable.dtype} {tuple(variable.shape)}")
         if not all(np.isfinite(array).all() for array in arrays):
-            raise DataError(f"the checkpoint {self.path} holds numbers that are not finite: it is damaged; "
-                            "choose another --checkpoint_dir to start anew")
+            raise self.refusal("it holds numbers that are not finite: it is damaged")
         for variable, array in zip(variables, arrays, strict=True):
             variable.assign(array)
-        self.epochs_done = int(self.saved["epochs"])
-        return self.epochs_done
+        if epochs >= self.run["epochs"]:
+            print(f"{epochs} epochs are done in {self.directory}: nothing to train.", file=sys.stderr)
+        return epochs
 
     def on_epoch_end(self, epoch, logs=None):
         arrays = {f"variable_{index}": variable.numpy()
@@ -883,29 +996,46 @@ class EpochCheckpoint(keras.callbacks.Callback):
                                                               **arrays), suffix=".npz")
         except OSError as error:
             raise RunEnded(f"cannot write the checkpoint {self.path} ({error.strerror})") from None
-        self.epochs_done = epoch + 1
+
+    def epochs_on_disk(self):
+        """The epochs done that the checkpoint file holds now, read back: 0 where none is there to resume."""
+        if not_a_file(self.path):
+            return 0
+        try:
+            with np.load(self.path, allow_pickle=False) as saved:
+                return int(saved["epochs"])
+        except Exception:  # gone, or not what a run wrote
+            return 0
 
     def kept(self):
-        """What a run that ends now leaves for the next one, in words."""
-        if not self.epochs_done:
-            return f"no epoch was saved in {self.directory}"
-        return f"{self.path} keeps epoch {self.epochs_done}: run the same command to resume"
+        """What a run that ends now leaves on disk for the next one, in words."""
+        if epochs := self.epochs_on_disk():
+            return f"{self.path} keeps epoch {epochs}: run the same command to resume"
+        return f"no epoch is saved in {self.directory}"
 
 
 @contextlib.contextmanager
-def told_what_is_kept(checkpoint):
-    """Turns an early end of training (an interruption, a RunEnded) into a RunEnded that says what it leaves."""
+def told_what_is_kept(checkpoint, model_path=None):
+    """Turns an early end of training (an interruption, a RunEnded) into a RunEnded that says what is on disk at
+    that moment, read back: the epochs the checkpoint holds, and the model if this run wrote it."""
+    started = time.time()
+
+    def kept():
+        words = [checkpoint.kept() if checkpoint else "nothing was saved"]
+        if model_path and not not_a_file(model_path) and os.path.exists(model_path) \
+                and os.path.getmtime(model_path) >= started:
+            words = [f"the trained model is in {model_path}"] + (words if checkpoint else [])
+        return "; ".join(words)
+
     try:
         yield
     except KeyboardInterrupt as interruption:
-        if checkpoint and checkpoint.epochs_done:
-            message = f"interrupted after epoch {checkpoint.epochs_done}; run the same command to resume"
-        else:
-            message = f"interrupted; {checkpoint.kept() if checkpoint else 'nothing was saved'}"
-        raise RunEnded(message, 143 if isinstance(interruption, Terminated) else 130) from None
+        status = 143 if isinstance(interruption, Terminated) else 130
+        if checkpoint and (epochs := checkpoint.epochs_on_disk()):
+            raise RunEnded(f"interrupted after epoch {epochs}; run the same command to resume", status) from None
+        raise RunEnded(f"interrupted; {kept()}", status) from None
     except RunEnded as ended:
-        kept = checkpoint.kept() if checkpoint else "nothing was saved"
-        raise RunEnded(f"{ended}; {kept}", ended.status) from None
+        raise RunEnded(f"{ended}; {kept()}", ended.status) from None
 
 
 def save_without_optimizer_state(model, path):
@@ -1146,10 +1276,10 @@ class MemoryAugmentedRNN(keras.layers.RNN):
 
 
 if __name__ == "__main__":
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # from here on an interruption is an exception
     signal.signal(signal.SIGTERM, terminate)
-    args = parse_args()
     try:
-        main(args)
+        main(parse_args())
     except DataError as error:
         parser.exit(2, f"{parser.prog}: error: {error}\n")
     except RunEnded as ended:

@@ -14,8 +14,11 @@ The data comes from the first of:
    data set's own repository), verified against their md5 sums, converted and
    written atomically to the cache of 2.
 """
+import contextlib
+import glob
 import os
 import socket
+import stat
 import sys
 import tempfile
 import zipfile
@@ -37,8 +40,12 @@ class DataError(Exception):
 
 
 def write_atomically(path, save, suffix):
-    """Calls `save` on a temporary path beside `path`, then renames it: a kill leaves the old file or the new."""
-    handle, temporary = tempfile.mkstemp(suffix=suffix, dir=os.path.dirname(os.path.abspath(path)))
+    """Calls `save` on a temporary path beside `path`, then renames it: a kill leaves the old file or the new.
+
+    The temporary file is `.NAME.*SUFFIX` beside `path`: `leftovers(path)` finds those that a kill left.
+    """
+    folder, name = os.path.split(os.path.abspath(path))
+    handle, temporary = tempfile.mkstemp(prefix=f".{name}.", suffix=suffix, dir=folder)
     os.close(handle)
     try:
         save(temporary)
@@ -47,8 +54,32 @@ def write_atomically(path, save, suffix):
         os.chmod(temporary, 0o666 & ~umask)  # as open() would make it, not mkstemp's owner-only 0o600
         os.replace(temporary, path)
     except BaseException:
-        os.remove(temporary)
+        # Gone if the rename was done: an interruption after it leaves the new file, whole.
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(temporary)
         raise
+
+
+def leftovers(path):
+    """The temporary files of writes of `path` that were killed before their rename."""
+    folder, name = os.path.split(os.path.abspath(path))
+    return glob.glob(os.path.join(glob.escape(folder), f".{glob.escape(name)}.*"))
+
+
+def not_a_file(path):
+    """What `path` is if it exists and is no regular file (a folder, a named pipe, a device), else None.
+
+    Reading a named pipe or a device would wait forever, or read without end.
+    """
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:
+        return None
+    if stat.S_ISREG(mode):
+        return None
+    kinds = [(stat.S_ISDIR, "a folder"), (stat.S_ISFIFO, "a named pipe"), (stat.S_ISCHR, "a device"),
+             (stat.S_ISBLK, "a device"), (stat.S_ISSOCK, "a socket")]
+    return next((kind for test, kind in kinds if test(mode)), "not a regular file")
 
 
 def unwritable(folder):
@@ -145,6 +176,8 @@ def download_and_convert(path):
 
 def load_npz(path, fix):
     """Reads and checks the course-layout npz file `path`; `fix` says how a user repairs a bad one."""
+    if kind := not_a_file(path):
+        raise DataError(f"cannot read {path}: it is {kind}, not a file; {fix}")
     try:
         with np.load(path, allow_pickle=False) as npz:
             arrays = {key: npz[key] for key in npz.files}
@@ -169,6 +202,7 @@ def load_npz(path, fix):
 
 class Omniglot:
     H, W, C = 28, 28, 1
+    CHARACTERS = {"train": 964, "test": 659}  # of each split in the release
 
     class Dataset:
         def __init__(self, images, labels):

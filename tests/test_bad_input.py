@@ -3,6 +3,9 @@
 The README's table "Bad input" lists every case tried here and the program's answer.
 """
 import os
+import re
+import signal
+import subprocess
 import sys
 
 import keras
@@ -176,3 +179,93 @@ def test_evaluate_refuses_a_foreign_model_and_one_of_other_episodes(tmp_path):
         load_trained_model(str(tmp_path / "three_way.keras"), classes=5, images_per_class=2)
     model = load_trained_model(str(tmp_path / "three_way.keras"), classes=3, images_per_class=2)
     assert model.outputs[0].shape[-1] == 3
+
+
+# Counts no machine can run, refused before any work.
+
+@pytest.mark.parametrize("flag, message", [
+    ("--epochs=100000000000000000000", "argument --epochs: invalid value 100000000000000000000: must be at most "
+                                       "2147483647"),
+    ("--train_episodes=1000000000000", "argument --train_episodes: invalid value 1000000000000: must be at most "
+                                       "2147483647"),
+    ("--shift=28", "argument --shift: invalid value 28: must be at most 27"),
+    ("--threads=4294967296", "argument --threads: invalid value 4294967296: must be at most 2147483647"),
+    # Drawing an episode sorts a key of 8 bytes and its rank for each character, and keeps 40 bytes a step:
+    # 10**9 * (659 * 16 + 50 * 40) bytes for the evaluation alphabets' 659 characters, (964 * 16 + 50 * 40) for
+    # the background's 964.
+    ("--test_episodes=1000000000", "argument --test_episodes: the validation episodes need about 11682.5 GiB"),
+    ("--train_episodes=1000000000", "argument --train_episodes: a training epoch's episodes need about 16227.4 GiB"),
+    ("--lstm_dim=1000000", "arguments --lstm_dim, --cell_size, --read_heads: the model's weights need about"),
+    # 4 bytes * 50 steps * 16 episodes * (3 * 50 cells * 100000 units + 3 * 50 read weights + 16 * 256 of the LSTM)
+    ("--cell_size=100000", "arguments --classes, --images_per_class, --batch_size, --cell_size, --lstm_dim, "
+                           "--read_heads: the memory states of a batch need about 44.7 GiB"),
+])
+def test_a_count_no_machine_can_run_is_refused_naming_its_flag(flag, message, capsys):
+    with pytest.raises(SystemExit) as exit:
+        parse_args([flag])
+    assert exit.value.code == 2
+    assert capsys.readouterr().err.splitlines()[-1].startswith(f"{os.path.basename(sys.argv[0])}: error: {message}")
+
+
+# The memory a run may use: the smallest of the RAM, the cgroup's limit and the address space limit.
+
+# --cell_size=40000: the memory states of a batch alone take 4 * 50 * 16 * (3 * 50 * 40000 + 150 + 4096) bytes,
+# 17.9 GiB: under the RAM of a machine of 24 GiB, over a limit of 16 GiB.
+LARGE = ["--cell_size=40000"]
+
+
+@pytest.mark.parametrize("version, file, controllers", [("v2", "memory.max", ""),
+                                                       ("v1", "memory/limit/memory.limit_in_bytes", "memory")])
+def test_a_cgroups_memory_limit_below_the_machines_is_the_one_a_run_is_held_to(version, file, controllers, tmp_path,
+                                                                              monkeypatch, capsys):
+    import learning_to_learn
+
+    needed = sum(size for *_, size in learning_to_learn.memory_needed(learning_to_learn.parser.parse_args(LARGE)))
+    if needed > min(limit for limit, _ in learning_to_learn.memory_limits()):
+        pytest.skip("this machine has less memory than the run needs: its own limit refuses it first")
+    (tmp_path / "cgroup").write_text(f"4:{controllers}:{'/limit' if version == 'v1' else ''}\n")
+    (tmp_path / file).parent.mkdir(parents=True, exist_ok=True)
+    (tmp_path / file).write_text(f"{16 * 2**30}\n")
+    monkeypatch.setattr(learning_to_learn, "OWN_CGROUP", str(tmp_path / "cgroup"))
+    monkeypatch.setattr(learning_to_learn, "CGROUP_ROOT", str(tmp_path))
+    with pytest.raises(SystemExit):
+        parse_args(LARGE)
+    assert re.search(rf"the run \d+\.\d GiB in all, more than the \d+\.\d GiB left of the cgroup's memory limit "
+                     rf"\({tmp_path / file}\)$", capsys.readouterr().err)
+    (tmp_path / file).write_text("max\n" if version == "v2" else "9223372036854771712\n")  # no limit
+    assert parse_args(["--cell_size=100"]).cell_size == 100
+
+
+def test_an_address_space_limit_set_in_a_child_is_the_one_a_run_is_held_to():
+    child = subprocess.run([sys.executable, "-c", f"""
+import resource, sys
+resource.setrlimit(resource.RLIMIT_AS, (16 * 2**30, resource.RLIM_INFINITY))
+sys.path.insert(0, {ROOT!r})
+import learning_to_learn
+learning_to_learn.parse_args({LARGE!r})
+"""], capture_output=True, text=True, timeout=120)
+    assert child.returncode == 2 and "Traceback" not in child.stderr, child.stderr
+    assert child.stderr.splitlines()[-1].endswith("GiB left of the address space limit RLIMIT_AS (ulimit -v)")
+
+
+# Only regular files are read or replaced: a named pipe would be waited on for ever.
+
+def test_a_named_pipe_or_a_folder_as_a_file_is_refused_at_once(tmp_path, monkeypatch, capsys):
+    os.mkfifo(tmp_path / "pipe")
+    signal.alarm(60)  # a read of the pipe would never return: fail instead
+    try:
+        monkeypatch.setenv("OMNIGLOT_DATA", str(tmp_path / "pipe"))
+        with pytest.raises(DataError, match=f"^cannot read {tmp_path}/pipe: it is a named pipe, not a file; point "
+                                            "OMNIGLOT_DATA at a good copy"):
+            Omniglot()
+        with pytest.raises(SystemExit):
+            parse_args([f"--evaluate={tmp_path / 'pipe'}"])
+        assert capsys.readouterr().err.endswith(f"invalid path '{tmp_path / 'pipe'}': it is a named pipe, not a "
+                                                "file\n")
+    finally:
+        signal.alarm(0)
+    (tmp_path / "folder.keras").mkdir()
+    with pytest.raises(SystemExit):
+        parse_args([f"--save_model={tmp_path / 'folder.keras'}"])
+    assert capsys.readouterr().err.endswith(f"invalid path '{tmp_path / 'folder.keras'}': it is a folder, not a "
+                                            "file\n")
