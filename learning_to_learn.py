@@ -39,20 +39,22 @@ import warnings
 import zipfile
 from typing import NamedTuple
 
-try:
-    import fcntl  # the lock of a checkpoint folder
-except ImportError:  # Windows: folders go unlocked
-    fcntl = None
-
 # TensorFlow's C++ start-up notices would bury the epoch lines; 3 also hides the cuInit error of a machine
 # without a GPU. Failures still arrive as Python exceptions. A user's own setting wins.
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
-import keras
-import numpy as np
-import tensorflow as tf
-from keras import ops
-from tensorflow.python.framework.config import is_op_determinism_enabled  # what Keras asks before using XLA
+try:
+    import keras
+    import numpy as np
+    import tensorflow as tf
+    from keras import ops
+    from tensorflow.python.framework.config import is_op_determinism_enabled  # what Keras asks before using XLA
+except ImportError as error:  # not installed, or no room to load it (ulimit -v)
+    if __name__ != "__main__":
+        raise
+    print(f"{os.path.basename(sys.argv[0])}: error: cannot load TensorFlow ({error}): install it with pip install "
+          "-r requirements.txt, in memory enough for it", file=sys.stderr)
+    sys.exit(2)
 
 from omniglot_dataset import DataError, Omniglot, leftovers, not_a_file, unwritable, write_atomically
 
@@ -532,9 +534,8 @@ def build_model(classes, images_per_class, cnn_filters=(8, 16, 32), cnn_pooling=
     """The model of episodes of `classes` x `images_per_class` steps, not compiled: CNN, memory cell, softmax at
     every step. The defaults are the assignment's; each argument is the flag of its name.
 
-    `fused=False` runs the cell with plain `keras.layers.RNN`, step by step
-    with automatic gradients: the same function, slower.
-    """
+    `fused=False` runs the cell with plain `keras.layers.RNN`, step by step with automatic gradients: the same
+    function, slower."""
     steps = episode_length(classes, images_per_class)
     images = keras.Input([steps, Omniglot.H, Omniglot.W, Omniglot.C], name="images")
     labels = keras.Input([steps], dtype="int32", name="previous_labels")
@@ -566,8 +567,7 @@ def steps_per_epoch(train_episodes, batch_size):
 
 
 def compile_for_training(model, images_per_class, learning_rate, decay_steps=None):
-    """Compiles `model` with Adam, the cross-entropy and the metrics; with `decay_steps`, the learning rate falls
-    along a cosine to 0 at that step."""
+    """Compiles `model` with Adam (its rate falling along a cosine to 0 at step `decay_steps`, if given)."""
     if decay_steps:
         # A function of the optimizer's step count, which checkpoints keep: a resumed run goes on along the curve.
         learning_rate = keras.optimizers.schedules.CosineDecay(learning_rate, decay_steps=decay_steps)
@@ -628,10 +628,8 @@ def main(args, callbacks=()):
                         feature_labels=args.feature_labels)
     model = compile_for_training(model, args.images_per_class, args.learning_rate,
                                  decay_steps=args.epochs * steps if args.learning_rate_decay == "cosine" else None)
-    callbacks, initial_epoch = [StopOnDivergence(), *callbacks], 0
-    if checkpoint:
-        initial_epoch = checkpoint.restore(model)
-        callbacks.append(checkpoint)
+    initial_epoch = checkpoint.restore(model) if checkpoint else 0
+    callbacks = [StopOnDivergence(), *callbacks] + ([checkpoint] if checkpoint else [])
     if args.logdir:
         callbacks += [keras.callbacks.TensorBoard(args.logdir), EpisodePictures(args.logdir, next(iter(validation)))]
     if args.recodex:
@@ -915,7 +913,9 @@ class EpochCheckpoint(keras.callbacks.Callback):
                 raise DataError(f"{path} is {kind}, not a file: choose another --checkpoint_dir")
         self.lock = open(self.lock_path, "w")  # the kernel releases it when we die
         try:
-            if fcntl:
+            with contextlib.suppress(ImportError):  # Windows has no fcntl: its folders go unlocked
+                import fcntl
+
                 fcntl.flock(self.lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             raise DataError(f"another run is training into {self.directory}: let it finish, "
@@ -1036,6 +1036,8 @@ def told_what_is_kept(checkpoint, model_path=None):
         raise RunEnded(f"interrupted; {kept()}", status) from None
     except RunEnded as ended:
         raise RunEnded(f"{ended}; {kept()}", ended.status) from None
+    except (MemoryError, tf.errors.ResourceExhaustedError):  # more than memory_needed's lower bound
+        raise RunEnded(f"training ran out of memory: a smaller --batch_size or model needs less; {kept()}") from None
 
 
 def save_without_optimizer_state(model, path):

@@ -4,6 +4,7 @@ The README's table "Bad input" lists every case tried here and the program's ans
 """
 import os
 import re
+import resource
 import signal
 import subprocess
 import sys
@@ -269,3 +270,13 @@ def test_a_named_pipe_or_a_folder_as_a_file_is_refused_at_once(tmp_path, monkeyp
         parse_args([f"--save_model={tmp_path / 'folder.keras'}"])
     assert capsys.readouterr().err.endswith(f"invalid path '{tmp_path / 'folder.keras'}': it is a folder, not a "
                                             "file\n")
+
+
+def test_no_room_to_load_tensorflow_ends_in_one_line():
+    def little_address_space():
+        resource.setrlimit(resource.RLIMIT_AS, (512 * 2**20, resource.RLIM_INFINITY))
+
+    result = subprocess.run([sys.executable, os.path.join(ROOT, "learning_to_learn.py")], capture_output=True,
+                            text=True, timeout=120, preexec_fn=little_address_space)
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+    assert result.stderr.splitlines()[-1].startswith("learning_to_learn.py: error: cannot load TensorFlow (")

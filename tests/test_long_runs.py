@@ -490,3 +490,11 @@ def test_a_signal_at_any_moment_of_the_start_ends_as_an_interruption(sent, statu
     assert run.returncode == status and "Traceback" not in errors and output == "", errors
     assert errors.splitlines()[-1] in ["learning_to_learn.py: interrupted",
                                        f"learning_to_learn.py: interrupted; no epoch is saved in {tmp_path}"]
+
+
+def test_running_out_of_memory_in_training_ends_in_one_line():
+    with pytest.raises(RunEnded, match="^training ran out of memory: a smaller --batch_size or model needs less; "
+                                       "nothing was saved$") as ended:
+        with told_what_is_kept(None):
+            raise MemoryError
+    assert ended.value.status == 1
