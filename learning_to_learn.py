@@ -1053,8 +1053,8 @@ def save_without_optimizer_state(model, path):
         model.optimizer = trained
 
 
-def load_trained_model(path, classes, images_per_class):
-    """Loads a model saved by --save_model, refusing other files and models of other episodes."""
+def load_trained_model(path, classes=None, images_per_class=None):
+    """Loads a model saved by --save_model, refusing other files and, where given, models of other episodes."""
     try:
         with warnings.catch_warnings():
             # --save_model leaves the optimizer's state out on purpose: evaluating does without it. And a model
@@ -1068,7 +1068,7 @@ def load_trained_model(path, classes, images_per_class):
     if not any(isinstance(getattr(layer, "cell", None), MemoryAugmentedLSTM) for layer in model.layers):
         raise DataError(f"{path} is a Keras model but not one of this program: it has no MemoryAugmentedLSTM")
     steps, model_classes = model.inputs[0].shape[1], model.outputs[0].shape[-1]
-    if (steps, model_classes) != (episode_length(classes, images_per_class), classes):
+    if classes and (steps, model_classes) != (episode_length(classes, images_per_class), classes):
         raise DataError(f"{path} was trained on episodes of --classes={model_classes} "
                         f"--images_per_class={steps // model_classes}: evaluate it with those flags")
     return model

@@ -1,0 +1,106 @@
+#!/usr/bin/env python3
+"""A saved model on N-way K-shot tasks: the field's yardstick, next to the program's own online one.
+
+    OMNIGLOT_DATA=../shared/omniglot/omniglot.npz python3 benchmarks/few_shot.py MODEL.keras --shots K
+
+A task takes N characters of the 20 evaluation alphabets (N: the model's
+classes), gives each a random label, and shows the model K drawings of each
+(the support, shuffled, each label one step after its drawing, as training
+shows them); then a query, another drawing of one of the N, whose answer is
+the model's most probable label at the query's step. Each query is answered
+from the state after the support alone: every query is its own sequence, the
+support then the query, and the model, being causal, does not see the blank
+steps after it. Tasks are drawn by `--seed`, the same for every model;
+accuracy is over all queries, its 95% confidence interval over tasks.
+"""
+import argparse
+import os
+import sys
+
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from learning_to_learn import EpisodeGenerator, load_trained_model  # noqa: E402
+from omniglot_dataset import DataError, Omniglot  # noqa: E402
+
+
+def draw_tasks(dataset, ways, shots, queries, count, seed):
+    """`count` tasks of `dataset`: `(support, support_labels, query, query_labels)`, image indices and labels,
+    `[count, ways * shots]` in the order shown and `[count, ways * queries]`.
+
+    The program's own episodes of `shots + queries` drawings of each class, split: of each class, the drawings
+    that come first in the shuffled episode are its support, the others its queries.
+    """
+    indices, labels = EpisodeGenerator(dataset, ways, shots + queries, seed).sample(count)
+    one_hot = labels[..., None] == np.arange(ways)
+    rank = np.take_along_axis(np.cumsum(one_hot, axis=1), labels[..., None], axis=-1)[..., 0] - 1  # 0 first
+    support, query = rank < shots, rank >= shots
+    return (indices[support].reshape(count, -1), labels[support].reshape(count, -1),
+            indices[query].reshape(count, -1), labels[query].reshape(count, -1))
+
+
+def answer_queries(model, images, support, support_labels, query, batch_size=64, progress=None):
+    """The model's probabilities of each label for each query `[tasks, queries, classes]`, from the state after the
+    support alone.
+
+    `images` `[N, H, W, C]`; `support`, `support_labels` `[tasks, shown]`, `query` `[tasks, queries]`: image
+    indices and labels. Each query is a sequence of its own: the support, its labels one step later, then the
+    query, which gets the last support label as every step gets the one before it, then blank steps with no
+    label up to the model's length. `progress` (a `keras.utils.Progbar`) counts the queries answered.
+    """
+    steps, shown = model.inputs[0].shape[1], support.shape[1]
+    if shown + 1 > steps:
+        raise DataError(f"a support of {shown} drawings and a query need {shown + 1} steps; the model's episodes "
+                        f"have {steps}")
+    tasks, queries = query.shape
+    blank = np.zeros((1, *images.shape[1:]), images.dtype)
+    images = np.concatenate([images, blank])  # index -1: the blank image after the query
+    sequence = np.full((tasks, queries, steps), -1)
+    sequence[..., :shown] = support[:, None]
+    sequence[..., shown] = query
+    previous = np.full((tasks, queries, steps), -1, np.int32)
+    previous[..., 1:shown + 1] = support_labels[:, None]
+    sequence, previous = sequence.reshape(-1, steps), previous.reshape(-1, steps)
+    answers = []
+    for start in range(0, len(sequence), batch_size):
+        batch = slice(start, start + batch_size)
+        answers.append(model.predict_on_batch((images[sequence[batch]], previous[batch]))[:, shown])
+        if progress:
+            progress.add(len(answers[-1]))
+    return np.concatenate(answers).reshape(tasks, queries, -1)
+
+
+def accuracy_and_interval(right):
+    """The accuracy over all of `right` `[tasks, queries]` and the half-width of its 95% confidence interval over
+    tasks (normal, as the few-shot literature reports it)."""
+    per_task = right.mean(axis=1)
+    return right.mean(), 1.96 * per_task.std(ddof=1) / np.sqrt(len(per_task)) if len(per_task) > 1 else np.nan
+
+
+def main(options):
+    import keras
+
+    model = load_trained_model(options.model)
+    ways = model.outputs[0].shape[-1]
+    dataset = Omniglot().test
+    support, support_labels, query, query_labels = draw_tasks(dataset, ways, options.shots, options.queries,
+                                                              options.tasks, options.seed)
+    progress = keras.utils.Progbar(query.size, unit_name="query")
+    probabilities = answer_queries(model, dataset.data["images"], support, support_labels, query, progress=progress)
+    accuracy, interval = accuracy_and_interval(np.argmax(probabilities, axis=-1) == query_labels)
+    print(f"{ways}-way {options.shots}-shot: {100 * accuracy:.2f}% +- {100 * interval:.2f}% (95% confidence) over "
+          f"{options.tasks} tasks of {query.shape[1]} queries, the evaluation alphabets, seed {options.seed}")
+    return accuracy, interval
+
+
+if __name__ == "__main__":
+    options = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    options.add_argument("model", metavar="MODEL.keras", help="A model saved by learning_to_learn.py --save_model.")
+    options.add_argument("--shots", default=1, type=int, help="Labelled drawings of each class before a query.")
+    options.add_argument("--queries", default=1, type=int, help="Queries of each class in a task.")
+    options.add_argument("--tasks", default=1000, type=int, help="Tasks to draw.")
+    options.add_argument("--seed", default=0, type=int, help="The seed of the tasks.")
+    try:
+        main(options.parse_args())
+    except DataError as error:
+        options.exit(2, f"few_shot.py: error: {error}\n")
