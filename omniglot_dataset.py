@@ -107,21 +107,25 @@ def cache_dir():
 
 
 def convert_release_zip(path):
-    """Returns `(images, prefixes, drawings)` of the PNGs in a release zip.
+    """Returns `(images, prefixes, drawings)` of the PNGs in a release zip, as `to_28x28` converts them.
 
-    Each 105x105 drawing is inverted to ink, area-averaged down to 28x28,
-    scaled to 0..255 and rounded; `images` is `[N, 28, 28, 1]` uint8, ordered by
-    the file name `PPPP_DD.png`: the character's prefix PPPP, then the drawing DD.
+    `images` is `[N, 28, 28, 1]` uint8, ordered by the file name `PPPP_DD.png`: the character's prefix PPPP,
+    then the drawing DD.
     """
-    import keras
-    import tensorflow as tf
-
     with zipfile.ZipFile(path) as archive:
         names = sorted((name for name in archive.namelist() if name.endswith(".png")), key=os.path.basename)
         pngs = [archive.read(name) for name in names]
     stems = [os.path.basename(name)[:-len(".png")].split("_") for name in names]
     prefixes = np.array([int(prefix) for prefix, _ in stems], np.int32)
     drawings = np.array([int(drawing) for _, drawing in stems], np.int32)
+    return to_28x28(pngs), prefixes, drawings
+
+
+def to_28x28(pngs):
+    """The release's drawings, PNG files of 105x105 white paper, as `[N, 28, 28, 1]` uint8 ink: inverted,
+    area-averaged down to 28x28, scaled to 0..255 and rounded."""
+    import keras
+    import tensorflow as tf
 
     chunk = 1024  # images resized at once: bounds memory at about 50 MB of 105x105 floats
     images = np.empty([len(pngs), 28, 28, 1], np.uint8)
@@ -132,10 +136,10 @@ def convert_release_zip(path):
         resized = tf.image.resize(ink, [28, 28], method="area")
         images[start:start + chunk] = np.round(resized.numpy() * 255).astype(np.uint8)
         progress.add(len(paper))
-    return images, prefixes, drawings
+    return images
 
 
-def _download(fname, md5, base_url):
+def download(fname, md5, base_url):
     """Downloads a release file into the cache with `keras.utils.get_file`; a failed one leaves nothing."""
     import keras
 
@@ -164,7 +168,7 @@ def download_and_convert(path):
     base_url = os.environ.get("OMNIGLOT_URL", RELEASE_URL)
     arrays = {}
     for split, (fname, md5) in RELEASE_FILES.items():
-        zip_path = _download(fname, md5, base_url)
+        zip_path = download(fname, md5, base_url)
         print(f"Converting {fname}", file=sys.stderr)
         images, prefixes, _ = convert_release_zip(zip_path)
         arrays[f"{split}_images"] = images

@@ -1,6 +1,9 @@
+import functools
+import http.server
 import os
 import subprocess
 import sys
+import threading
 
 import pytest
 
@@ -49,3 +52,22 @@ def run_program(*flags, data, cwd=None):
     return subprocess.run([sys.executable, os.path.join(ROOT, "learning_to_learn.py"), *flags],
                           env={**os.environ, "OMNIGLOT_DATA": str(data)}, cwd=cwd,
                           capture_output=True, text=True, timeout=600)
+
+
+@pytest.fixture
+def serve(tmp_path):
+    """Serves the files of a folder over HTTP on 127.0.0.1; yields (folder, base URL)."""
+    folder = tmp_path / "server"
+    folder.mkdir()
+
+    class QuietHandler(http.server.SimpleHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
+
+    handler = functools.partial(QuietHandler, directory=str(folder))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield folder, f"http://127.0.0.1:{server.server_address[1]}/"
+    server.shutdown()
+    server.server_close()

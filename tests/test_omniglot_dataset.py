@@ -1,5 +1,4 @@
 """Reading, downloading and converting Omniglot, offline: a loopback HTTP server serves the release zips."""
-import functools
 import hashlib
 import http.server
 import os
@@ -15,25 +14,6 @@ import tensorflow as tf
 import omniglot_dataset
 from conftest import SHARED_OMNIGLOT
 from omniglot_dataset import DataError, Omniglot
-
-
-@pytest.fixture
-def serve(tmp_path):
-    """Serves the files of a folder over HTTP on 127.0.0.1; yields (folder, base URL)."""
-    folder = tmp_path / "server"
-    folder.mkdir()
-
-    class QuietHandler(http.server.SimpleHTTPRequestHandler):
-        def log_message(self, *args):
-            pass
-
-    handler = functools.partial(QuietHandler, directory=str(folder))
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield folder, f"http://127.0.0.1:{server.server_address[1]}/"
-    server.shutdown()
-    server.server_close()
 
 
 @pytest.fixture

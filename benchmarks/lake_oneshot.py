@@ -1,0 +1,117 @@
+#!/usr/bin/env python3
+"""A saved model on Lake et al.'s 20 one-shot classification runs (Science 2015).
+
+    python3 benchmarks/lake_oneshot.py MODEL.keras [--orders N]
+
+Each run holds 20 training drawings, one of each of 20 characters of one
+evaluation alphabet, and 20 test drawings of the same characters by another
+drawer; a test drawing is right when it is given the class of its training
+drawing. The model sees the 20 training drawings as a support (shuffled,
+with random labels, each label one step after its drawing) and answers each
+test drawing from the state after them (`few_shot.answer_queries`); its
+answer is averaged over `--orders` orders and labellings of the support. It
+needs a model of at least 20 classes and 21 steps. Humans err on 4.5% of the
+test drawings, Bayesian program learning on 3.3%.
+
+The runs come from `OMNIGLOT_RUNS` (a copy of all_runs.zip), else from the
+Keras cache, where the first use downloads them from the data set's own
+repository and checks their md5 sum. Drawings are converted as the data
+set's are (`omniglot_dataset.to_28x28`).
+"""
+import argparse
+import os
+import sys
+import zipfile
+
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from few_shot import answer_queries  # noqa: E402
+
+from learning_to_learn import load_trained_model  # noqa: E402
+from omniglot_dataset import RELEASE_URL, DataError, download, not_a_file, to_28x28  # noqa: E402
+
+RUNS_FILE = ("all_runs.zip", "e8996daecdf12afeeb4a53a179f06b19")
+RUNS_URL = RELEASE_URL + "one-shot-classification/"
+WAYS = 20
+
+
+def runs_zip():
+    """The path of all_runs.zip: `OMNIGLOT_RUNS`, else the Keras cache, downloaded and checked when missing."""
+    path = os.environ.get("OMNIGLOT_RUNS")
+    if path and (not os.path.exists(path) or not_a_file(path)):
+        raise DataError(f"OMNIGLOT_RUNS names {path}, which is no file: point it at a copy of all_runs.zip")
+    return path or download(*RUNS_FILE, os.environ.get("OMNIGLOT_URL", RUNS_URL))
+
+
+def read_runs(path):
+    """`{run: (training, test, answers)}` of the runs in all_runs.zip: the 20 training and 20 test drawings as
+    `[20, 28, 28, 1]` uint8 ink, and for each test drawing the index of its training drawing."""
+    try:
+        archive = zipfile.ZipFile(path)
+    except (OSError, zipfile.BadZipFile) as error:
+        raise DataError(f"cannot read {path} as all_runs.zip ({error})") from None
+    runs = {}
+    with archive:
+        for labels in sorted(name for name in archive.namelist() if name.endswith("class_labels.txt")):
+            run = labels.split("/")[0]
+            pairs = [line.split() for line in archive.read(labels).decode().splitlines() if line.strip()]
+            tests, trainings = [test for test, _ in pairs], sorted({training for _, training in pairs})
+            if len(pairs) != WAYS or len(trainings) != WAYS:
+                raise DataError(f"{path}: {labels} pairs {len(pairs)} test drawings with {len(trainings)} training "
+                                f"drawings; expected {WAYS} and {WAYS}")
+            answers = np.array([trainings.index(training) for _, training in pairs])
+            images = to_28x28([archive.read(name) for name in trainings + tests])
+            runs[run] = images[:WAYS], images[WAYS:], answers
+    if not runs:
+        raise DataError(f"{path} holds no run (no runNN/class_labels.txt)")
+    return runs
+
+
+def errors_of_run(model, training, test, answers, orders, rng):
+    """Whether each test drawing of a run is answered wrongly, the model's answer averaged over `orders` random
+    orders and labellings of the training drawings."""
+    images = np.concatenate([training, test]).astype(np.float32) / 255
+    classes = model.outputs[0].shape[-1]
+    belief = np.zeros((WAYS, WAYS))  # [test drawing, training drawing]
+    for _ in range(orders):
+        order = rng.permutation(WAYS)  # the support's order of the training drawings
+        labels = rng.permutation(classes)[:WAYS]  # training drawing i's label
+        probabilities = answer_queries(model, images, order[None], labels[order][None],
+                                       np.arange(WAYS, 2 * WAYS)[None])[0]
+        belief += probabilities[:, labels]  # each label's probability, given to its training drawing
+    return np.argmax(belief, axis=-1) != answers
+
+
+def main(options):
+    import keras
+
+    model = load_trained_model(options.model)
+    if model.outputs[0].shape[-1] < WAYS or model.inputs[0].shape[1] < WAYS + 1:
+        raise DataError(f"{options.model} is a model of {model.outputs[0].shape[-1]} classes and "
+                        f"{model.inputs[0].shape[1]} steps; Lake's runs need {WAYS} classes and {WAYS + 1} steps")
+    runs = read_runs(runs_zip())
+    rng = np.random.default_rng(options.seed)
+    progress = keras.utils.Progbar(len(runs), unit_name="run")
+    errors = {}
+    for run, (training, test, answers) in runs.items():
+        errors[run] = errors_of_run(model, training, test, answers, options.orders, rng)
+        progress.add(1)
+    for run, wrong in errors.items():
+        print(f"{run}: {100 * wrong.mean():.1f}% error")
+    wrong = np.concatenate(list(errors.values()))
+    print(f"error over the {len(wrong)} test drawings of {len(errors)} runs: {100 * wrong.mean():.2f}% "
+          f"({options.orders} orders each; humans 4.5%, BPL 3.3%)")
+    return wrong.mean()
+
+
+if __name__ == "__main__":
+    options = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    options.add_argument("model", metavar="MODEL.keras", help="A model saved by learning_to_learn.py --save_model.")
+    options.add_argument("--orders", default=10, type=int, help="Orders and labellings of each run's support.")
+    options.add_argument("--seed", default=0, type=int, help="The seed of the orders.")
+    try:
+        main(options.parse_args())
+    except DataError as error:
+        options.exit(2, f"lake_oneshot.py: error: {error}\n")
