@@ -3,6 +3,8 @@ import importlib.util
 import os
 import re
 
+import pytest
+
 from conftest import ROOT
 
 spec = importlib.util.spec_from_file_location("results", os.path.join(ROOT, "benchmarks", "results.py"))
@@ -28,7 +30,8 @@ def test_every_recorded_run_is_one_of_RUNS_with_every_metric():
     assert list(record) == [name for name in results.RUNS if name in record], "runs.csv keeps the order of RUNS"
     assert set(results.README_RUNS + results.CHART_RUNS) <= set(record)
     for run in record.values():
-        assert all(0 <= float(run[name]) <= 1 for name in results.METRICS if name != "val_loss"), run
+        assert all(0 <= float(run[name]) <= 1 for name in results.METRICS if name != "val_loss" and run[name]), run
+        assert all(run[name] for name in results.METRICS if name not in ["val_acc5", "val_acc10"]), run
 
 
 def test_the_last_epoch_of_a_log_is_read(tmp_path):
@@ -82,3 +85,14 @@ def test_the_headline_shows_the_mean_and_range_of_the_best_recipes_seeds():
     assert len(firsts) >= 2
     expected = f"{sum(firsts) / len(firsts):.4f} ({min(firsts):.4f}-{max(firsts):.4f})"
     assert expected in results.tables(record)["headline"].splitlines()[3]
+
+
+def test_a_log_of_fewer_than_10_drawings_a_class_leaves_the_10th_empty(tmp_path):
+    names = [name for name in results.METRICS if name != "val_acc10"]
+    log = tmp_path / "run.log"
+    log.write_text("Epoch 1/1 " + " - ".join(f"{name}: 0.5000" for name in names) + "\n")
+    metrics, _ = results.last_epoch(log)
+    assert metrics["val_acc10"] == "" and metrics["val_acc2"] == "0.5000"
+    log.write_text("Epoch 1/1 " + " - ".join(f"{name}: 0.5000" for name in names if name != "val_acc2") + "\n")
+    with pytest.raises(SystemExit, match="shows no val_acc2"):
+        results.last_epoch(log)
