@@ -105,7 +105,7 @@ RUNS = {
     # 20-way episodes of 6 drawings a class (120 steps: room for 20-way 5-shot tasks and Lake's runs), the 15-way
     # recipe, in an hour.
     "feature-labels-best-20way": ["--classes=20", "--images_per_class=6"] + BEST[1:-1]
-                                 + ["--feature_match", "--feature_labels", "--epochs=16"],
+                                 + ["--feature_match", "--feature_labels", "--epochs=32"],
     # 15-way episodes (150 steps, 150 cells) on the best recipe, as many epochs as an hour holds.
     "best-15way": ["--classes=15"] + BEST[1:-1] + ["--epochs=15"],
     "feature-labels-best-15way": ["--classes=15"] + BEST[1:-1] + ["--feature_match", "--feature_labels", "--epochs=15"],
