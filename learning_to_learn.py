@@ -678,15 +678,16 @@ def parse_args(argv=None):
             continue
         if role.least is not None and value < role.least:
             refuse(flag, f"must be at least {role.least}")
-        # A count with no bound of its own: TensorFlow's shapes and counts are int32.
-        most = role.most if role.most is not None or not isinstance(value, int) else 2**31 - 1
+        # A count with no bound of its own is at most 2**31 - 1: TensorFlow's shapes and counts are int32.
+        most = role.most if role.most is not None else 2**31 - 1 if type(value) is int else None
         if most is not None and value > most:
             refuse(flag, f"must be at most {most}")
         if role.above is not None and not role.above < value < math.inf:  # nan too
             refuse(flag, f"must be a finite number above {role.above}")
 
+    default = defaults()
     if args.evaluate and (ignored := [f"--{flag}" for flag, role in FLAGS.items()
-                                      if role.training_only and getattr(args, flag) != defaults()[flag]]):
+                                      if role.training_only and getattr(args, flag) != default[flag]]):
         parser.error(f"argument --evaluate: it only evaluates the saved model, so {', '.join(ignored)} "
                      "would be ignored: leave them out")
     convolutions = len(args.cnn_filters)
