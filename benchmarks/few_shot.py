@@ -100,7 +100,13 @@ if __name__ == "__main__":
     options.add_argument("--queries", default=1, type=int, help="Queries of each class in a task.")
     options.add_argument("--tasks", default=1000, type=int, help="Tasks to draw.")
     options.add_argument("--seed", default=0, type=int, help="The seed of the tasks.")
+    arguments = options.parse_args()
+    for name, least in [("shots", 1), ("queries", 1), ("tasks", 2)]:
+        if getattr(arguments, name) < least:
+            options.error(f"argument --{name}: invalid value {getattr(arguments, name)}: must be at least {least}")
+    if arguments.shots + arguments.queries > 20:
+        options.error("arguments --shots, --queries: at most 20 in all, the drawings of a character")
     try:
-        main(options.parse_args())
+        main(arguments)
     except DataError as error:
         options.exit(2, f"few_shot.py: error: {error}\n")

@@ -111,7 +111,10 @@ if __name__ == "__main__":
     options.add_argument("model", metavar="MODEL.keras", help="A model saved by learning_to_learn.py --save_model.")
     options.add_argument("--orders", default=10, type=int, help="Orders and labellings of each run's support.")
     options.add_argument("--seed", default=0, type=int, help="The seed of the orders.")
+    arguments = options.parse_args()
+    if arguments.orders < 1:
+        options.error(f"argument --orders: invalid value {arguments.orders}: must be at least 1")
     try:
-        main(options.parse_args())
+        main(arguments)
     except DataError as error:
         options.exit(2, f"lake_oneshot.py: error: {error}\n")
