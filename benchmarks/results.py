@@ -375,10 +375,11 @@ def add_to_record(name, wall, peak_bytes=None, note="", commit=None):
     print(f"{name}: {wall} on {platform.node()}", file=sys.stderr)
 
 
-def cpu():
-    """The CPU's model name and its widest vector instructions, from /proc/cpuinfo where there is one."""
+def cpu(info=None):
+    """The CPU's model name and its widest vector instructions, from `info` (default: /proc/cpuinfo, where there
+    is one): a run's speed depends on both."""
     try:
-        info = open("/proc/cpuinfo").read()
+        info = info or open("/proc/cpuinfo").read()
     except OSError:
         return platform.processor()
     model = re.search(r"^model name\s*: (.*)$", info, re.MULTILINE)

@@ -11,7 +11,6 @@ prints a Markdown table for the README. Steady-state speed counts training alone
 import argparse
 import json
 import os
-import platform
 import resource
 import subprocess
 import sys
@@ -19,6 +18,8 @@ import time
 
 START = time.perf_counter()
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from results import cpu  # noqa: E402
 
 bench = argparse.ArgumentParser(description=__doc__.splitlines()[0])
 bench.add_argument("--classes", default=[5, 2], type=int, nargs="+", help="Episode widths to measure.")
@@ -76,7 +77,7 @@ def main(options):
                     f"| {result['first_epoch_end_s']:.1f} | {result['first_epoch_extra_s']:.1f} "
                     f"| {result['whole_run_s']:.1f} | {result['peak_memory_gb']:.2f} |")
     print(f"`{' '.join(sys.argv)}` ({options.epochs} epochs x {options.train_episodes} training + "
-          f"{options.test_episodes} validation episodes; {os.cpu_count()} cores, {platform.processor() or 'CPU'}, "
+          f"{options.test_episodes} validation episodes; {os.cpu_count()} cores of {cpu()}, "
           f"{time.strftime('%Y-%m-%d')})\n")
     print("| episodes | device | steady episodes/s | first epoch ends (s) | first epoch's extra (s) "
           "| whole run (s) | peak memory (GB) |")

@@ -96,3 +96,10 @@ def test_a_log_of_fewer_than_10_drawings_a_class_leaves_the_10th_empty(tmp_path)
     log.write_text("Epoch 1/1 " + " - ".join(f"{name}: 0.5000" for name in names if name != "val_acc2") + "\n")
     with pytest.raises(SystemExit, match="shows no val_acc2"):
         results.last_epoch(log)
+
+
+def test_a_cpu_is_named_with_its_widest_vector_instructions():
+    avx2 = "processor\t: 0\nmodel name\t: AMD EPYC 7B13\nflags\t\t: fpu sse2 avx avx2 fma\n"
+    assert results.cpu(avx2) == "AMD EPYC 7B13, AVX2"
+    assert results.cpu(avx2.replace("avx2", "avx2 avx512f avx512bw")) == "AMD EPYC 7B13, AVX-512"
+    assert results.cpu(avx2.replace(" avx avx2 fma", "")) == "AMD EPYC 7B13, no AVX"
