@@ -116,7 +116,7 @@ RUNS = {
 BEST_RUN = "first-weight-best-5way"  # the headline's best recipe
 BEST_SEEDS = [BEST_RUN, f"{BEST_RUN}-seed1", f"{BEST_RUN}-seed2"]  # the headline shows their mean and range
 README_RUNS = ["default-5way", "default-2way", "pooled-cnn-best-5way-12epochs", *BEST_SEEDS,
-               "no-feature-match-best-5way", "feature-labels-best-15way"]
+               "no-feature-match-best-5way", "feature-labels-best-15way", "feature-labels-best-20way"]
 CHART_RUNS = ["default-5way", "lstm-only-5way", "sharpness-5way", "best-5way", "feature-labels-best-5way",
               "pooled-cnn-best-5way-12epochs", BEST_RUN]
 # What each flag or training choice did: (the change, the run without it, the run with it, what became of it).
