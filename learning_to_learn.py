@@ -566,16 +566,23 @@ def steps_per_epoch(train_episodes, batch_size):
     return math.ceil(train_episodes / batch_size)
 
 
-def compile_for_training(model, images_per_class, learning_rate, decay_steps=None):
-    """Compiles `model` with Adam (its rate falling along a cosine to 0 at step `decay_steps`, if given)."""
-    if decay_steps:
+def model_for_training(args, fused=True):
+    """`build_model` of the flags `args`, compiled for their training: Adam, at a rate that with
+    --learning_rate_decay=cosine falls along a cosine to 0 at the last step."""
+    model = build_model(args.classes, args.images_per_class, cnn_filters=args.cnn_filters, cnn_pooling=args.cnn_pooling,
+                        lstm_dim=args.lstm_dim, cell_size=args.cell_size, read_heads=args.read_heads,
+                        read_sharpness=args.read_sharpness, feature_match=args.feature_match,
+                        feature_labels=args.feature_labels, fused=fused)
+    learning_rate = args.learning_rate
+    if args.learning_rate_decay == "cosine":
         # A function of the optimizer's step count, which checkpoints keep: a resumed run goes on along the curve.
-        learning_rate = keras.optimizers.schedules.CosineDecay(learning_rate, decay_steps=decay_steps)
+        learning_rate = keras.optimizers.schedules.CosineDecay(
+            learning_rate, decay_steps=args.epochs * steps_per_epoch(args.train_episodes, args.batch_size))
     model.compile(
         optimizer=keras.optimizers.Adam(learning_rate),
         loss=keras.losses.SparseCategoricalCrossentropy(),
         metrics=[keras.metrics.SparseCategoricalAccuracy(name="acc"),
-                 *[NthOccurrenceAccuracy(nth) for nth in reported_occurrences(images_per_class)]],
+                 *[NthOccurrenceAccuracy(nth) for nth in reported_occurrences(args.images_per_class)]],
         # XLA compiles the recurrence's loops alone (MemoryAugmentedRNN): the CNN's convolutions run faster
         # in TensorFlow's own CPU kernels than in XLA's.
         jit_compile=False,
@@ -621,13 +628,7 @@ def main(args, callbacks=()):
         print(f"Test {metrics_line(logs, names)}", flush=True)
         return {name: float(value) for name, value in logs.items()}
 
-    steps = steps_per_epoch(args.train_episodes, args.batch_size)
-    model = build_model(args.classes, args.images_per_class, cnn_filters=args.cnn_filters, cnn_pooling=args.cnn_pooling,
-                        lstm_dim=args.lstm_dim, cell_size=args.cell_size, read_heads=args.read_heads,
-                        read_sharpness=args.read_sharpness, feature_match=args.feature_match,
-                        feature_labels=args.feature_labels)
-    model = compile_for_training(model, args.images_per_class, args.learning_rate,
-                                 decay_steps=args.epochs * steps if args.learning_rate_decay == "cosine" else None)
+    model = model_for_training(args)
     initial_epoch = checkpoint.restore(model) if checkpoint else 0
     callbacks = [StopOnDivergence(), *callbacks] + ([checkpoint] if checkpoint else [])
     if args.logdir:
@@ -641,7 +642,8 @@ def main(args, callbacks=()):
                              first_occurrence_weight=args.first_occurrence_weight)
     with told_what_is_kept(checkpoint, args.save_model):
         # shuffle=False: the episodes are drawn at random already, and a tf.data input cannot be shuffled by fit.
-        history = model.fit(train, epochs=args.epochs, steps_per_epoch=steps, initial_epoch=initial_epoch,
+        history = model.fit(train, epochs=args.epochs, initial_epoch=initial_epoch,
+                            steps_per_epoch=steps_per_epoch(args.train_episodes, args.batch_size),
                             shuffle=False, validation_data=validation, verbose=verbose, callbacks=callbacks)
         if args.save_model:
             save_without_optimizer_state(model, args.save_model)
@@ -1063,7 +1065,7 @@ def load_trained_model(path, classes=None, images_per_class=None):
             warnings.filterwarnings("ignore", message="Skipping variable loading for optimizer")
             warnings.filterwarnings("ignore", message="Model doesn't support `jit_compile=True`")
             model = keras.models.load_model(path)
-        model.jit_compile = False  # as compile_for_training compiles it, also if saved before it did
+        model.jit_compile = False  # as model_for_training compiles it, also if saved before it did
     except Exception as error:
         raise DataError(f"{path} is not a model saved by this program ({error})") from None
     if not any(isinstance(getattr(layer, "cell", None), MemoryAugmentedLSTM) for layer in model.layers):

@@ -11,7 +11,6 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHARED_OMNIGLOT = os.path.join(ROOT, "..", "shared", "omniglot")  # this project's release files, where present
 sys.path.insert(0, ROOT)
 
-from learning_to_learn import build_model, compile_for_training, steps_per_epoch  # noqa: E402
 from omniglot_dataset import CACHE_FILE, DataError, Omniglot, cache_dir  # noqa: E402
 
 
@@ -30,21 +29,6 @@ def omniglot_npz():
         except DataError as error:
             pytest.fail(f"the real Omniglot data is needed: {error}")
     return os.path.abspath(path)
-
-
-def model_of(args, fused=True):
-    """The program's model of the flags `args`, not compiled."""
-    return build_model(args.classes, args.images_per_class, cnn_filters=args.cnn_filters, cnn_pooling=args.cnn_pooling,
-                       lstm_dim=args.lstm_dim, cell_size=args.cell_size, read_heads=args.read_heads,
-                       read_sharpness=args.read_sharpness, feature_match=args.feature_match,
-                       feature_labels=args.feature_labels, fused=fused)
-
-
-def compiled_model_of(args):
-    """The program's model of the flags `args`, compiled as training compiles it."""
-    decay_steps = args.epochs * steps_per_epoch(args.train_episodes, args.batch_size)
-    return compile_for_training(model_of(args), args.images_per_class, args.learning_rate,
-                                decay_steps=decay_steps if args.learning_rate_decay == "cosine" else None)
 
 
 def run_program(*flags, data, cwd=None):

@@ -13,8 +13,8 @@ import keras
 import numpy as np
 import pytest
 
-from conftest import ROOT, compiled_model_of, run_program
-from learning_to_learn import load_trained_model, parse_args
+from conftest import ROOT, run_program
+from learning_to_learn import load_trained_model, model_for_training, parse_args
 from omniglot_dataset import DataError, Omniglot
 
 
@@ -175,7 +175,7 @@ def test_evaluate_refuses_a_foreign_model_and_one_of_other_episodes(tmp_path):
     with pytest.raises(DataError, match="foreign.keras is a Keras model but not one of this program"):
         load_trained_model(str(tmp_path / "foreign.keras"), classes=3, images_per_class=2)
 
-    compiled_model_of(args).save(tmp_path / "three_way.keras")
+    model_for_training(args).save(tmp_path / "three_way.keras")
     with pytest.raises(DataError, match="trained on episodes of --classes=3 --images_per_class=2: evaluate it with"):
         load_trained_model(str(tmp_path / "three_way.keras"), classes=5, images_per_class=2)
     model = load_trained_model(str(tmp_path / "three_way.keras"), classes=3, images_per_class=2)

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 from keras import ops
 
-from conftest import ROOT, model_of
-from learning_to_learn import parse_args
+from conftest import ROOT
+from learning_to_learn import model_for_training, parse_args
 
 spec = importlib.util.spec_from_file_location("few_shot", os.path.join(ROOT, "benchmarks", "few_shot.py"))
 few_shot = importlib.util.module_from_spec(spec)
@@ -90,7 +90,7 @@ def test_the_confidence_interval_is_over_tasks():
 
 
 def test_the_programs_model_is_causal_so_a_query_sees_only_the_support():
-    model = model_of(parse_args(["--classes=3", "--images_per_class=2", "--lstm_dim=8", "--cell_size=4",
+    model = model_for_training(parse_args(["--classes=3", "--images_per_class=2", "--lstm_dim=8", "--cell_size=4",
                                  "--read_heads=2", "--feature_match", "--feature_labels"]))
     rng = np.random.default_rng(4)
     images, previous = rng.random([2, 6, 28, 28, 1], dtype=np.float32), np.array([[-1, 0, 1, 2, 0, 1]] * 2, np.int32)

@@ -16,7 +16,7 @@ import time
 import numpy as np
 import pytest
 
-from conftest import ROOT, compiled_model_of, run_program
+from conftest import ROOT, run_program
 from learning_to_learn import (
     FLAGS,
     EpochCheckpoint,
@@ -24,6 +24,7 @@ from learning_to_learn import (
     StopOnDivergence,
     Terminated,
     differing_flags,
+    model_for_training,
     parse_args,
     parser,
     run_flags,
@@ -63,7 +64,7 @@ def refusal(argv, capsys):
 
 def checkpointed_model(args, directory):
     """A model of `args` and its EpochCheckpoint in `directory`, claimed and restored as main does."""
-    model = compiled_model_of(args)
+    model = model_for_training(args)
     checkpoint = EpochCheckpoint(str(directory), run_flags(args))
     checkpoint.claim()
     checkpoint.set_model(model)
@@ -455,7 +456,7 @@ def test_a_signal_while_a_checkpoint_moves_into_place_ends_as_an_interruption(in
 
 
 def test_a_signal_while_the_model_moves_into_place_says_it_is_saved(tmp_path, monkeypatch):
-    model = compiled_model_of(parse_args(TINY))
+    model = model_for_training(parse_args(TINY))
     interrupted_after_the_rename(monkeypatch, Terminated())
     path = str(tmp_path / "model.keras")
     with pytest.raises(RunEnded, match=f"^interrupted; the trained model is in {path}$"):

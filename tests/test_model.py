@@ -7,8 +7,13 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from conftest import compiled_model_of, model_of
-from learning_to_learn import MemoryAugmentedRNN, parse_args, save_without_optimizer_state, training_batches
+from learning_to_learn import (
+    MemoryAugmentedRNN,
+    model_for_training,
+    parse_args,
+    save_without_optimizer_state,
+    training_batches,
+)
 
 TINY = ["--classes=3", "--images_per_class=2", "--lstm_dim=8", "--cell_size=4"]
 
@@ -24,7 +29,7 @@ def recurrence_of(model):
 
 
 def test_the_recurrence_sees_each_images_features_then_the_one_hot_previous_label():
-    model = model_of(parse_args(TINY))
+    model = model_for_training(parse_args(TINY))
     images, previous = episode_inputs(2, np.random.default_rng(0))
     entering = keras.Model(model.inputs, recurrence_of(model).input).predict([images, previous], verbose=0)
 
@@ -40,7 +45,7 @@ def test_the_recurrence_sees_each_images_features_then_the_one_hot_previous_labe
 
 
 def test_cnn_pooling_convolves_keeping_the_size_then_normalizes_rectifies_and_max_pools_by_two():
-    cnn = model_of(parse_args([*TINY, "--cnn_pooling", "--cnn_filters=3"])).get_layer("image_features")
+    cnn = model_for_training(parse_args([*TINY, "--cnn_pooling", "--cnn_filters=3"])).get_layer("image_features")
     convolution, normalization = cnn.layers[:2]
     rng = np.random.default_rng(0)
     for weight in [normalization.moving_mean, normalization.beta]:  # away from the initial 0s and 1s
@@ -57,12 +62,12 @@ def test_cnn_pooling_convolves_keeping_the_size_then_normalizes_rectifies_and_ma
     pooled = np.maximum(normalized, 0).reshape(2, 14, 2, 14, 2, 3).max(axis=(2, 4))
     np.testing.assert_allclose(cnn.predict(images, verbose=0), pooled.reshape(2, -1), atol=1e-5)
     # Four blocks take 28 pixels to 14, 7, 3 and 1: as many features as the last block's filters.
-    four_blocks = model_of(parse_args([*TINY, "--cnn_pooling", "--cnn_filters=4,4,4,6"]))
+    four_blocks = model_for_training(parse_args([*TINY, "--cnn_pooling", "--cnn_filters=4,4,4,6"]))
     assert four_blocks.get_layer("image_features").output.shape[-1] == 6
 
 
 def test_feature_match_gives_each_step_its_best_cosine_with_the_earlier_images_features():
-    model = model_of(parse_args([*TINY, "--feature_match"]))
+    model = model_for_training(parse_args([*TINY, "--feature_match"]))
     images, previous = episode_inputs(2, np.random.default_rng(0))
     images[0, 3] = images[0, 1]  # the same drawing again: a cosine of 1
     entering = keras.Model(model.inputs, recurrence_of(model).input).predict([images, previous], verbose=0)
@@ -79,7 +84,7 @@ def test_feature_match_gives_each_step_its_best_cosine_with_the_earlier_images_f
 
 
 def test_feature_labels_give_each_step_the_softmax_vote_of_the_earlier_images_labels():
-    model = model_of(parse_args([*TINY, "--feature_match", "--feature_labels"]))
+    model = model_for_training(parse_args([*TINY, "--feature_match", "--feature_labels"]))
     model.get_layer("earlier_label_vote").sharpness.assign(7.0)
     images, previous = episode_inputs(2, np.random.default_rng(0))
     entering = keras.Model(model.inputs, recurrence_of(model).input).predict([images, previous], verbose=0)
@@ -104,7 +109,7 @@ def test_feature_labels_give_each_step_the_softmax_vote_of_the_earlier_images_la
 def test_fused_and_plain_recurrence_give_the_same_predictions_and_gradients(flags):
     args = parse_args([*TINY, *flags])
     keras.utils.set_random_seed(0)
-    fused, plain = model_of(args), model_of(args, fused=False)
+    fused, plain = model_for_training(args), model_for_training(args, fused=False)
     assert type(recurrence_of(fused)) is MemoryAugmentedRNN and type(recurrence_of(plain)) is keras.layers.RNN
     plain.set_weights(fused.get_weights())
     images, previous = episode_inputs(2, np.random.default_rng(1))
@@ -125,7 +130,7 @@ def test_fused_and_plain_recurrence_give_the_same_predictions_and_gradients(flag
 def test_saved_model_loads_with_plain_keras_and_predicts_the_same_without_adams_state(tmp_path):
     args = parse_args([*TINY, "--read_heads=2", "--read_sharpness=3", "--feature_match", "--feature_labels",
                        "--cnn_filters=4,6,8", "--learning_rate=0.003"])
-    model = compiled_model_of(args)
+    model = model_for_training(args)
     model.get_layer("earlier_label_vote").sharpness.assign(4.5)  # not its initial value
     inputs = episode_inputs(2, np.random.default_rng(0))
     model.fit(inputs, np.zeros([2, 6]), verbose=0)  # Adam's moments: two more arrays of each weight's size
@@ -152,7 +157,7 @@ def test_cosine_decay_takes_the_learning_rate_to_zero_at_the_last_step():
     # 100 episodes in batches of 16 are 7 steps an epoch: 14 steps in all.
     args = parse_args(["--learning_rate=0.002", "--learning_rate_decay=cosine", "--train_episodes=100",
                        "--epochs=2", "--lstm_dim=8", "--cell_size=4"])
-    optimizer = compiled_model_of(args).optimizer
+    optimizer = model_for_training(args).optimizer
     for step in [0, 3, 7, 14]:
         optimizer.iterations.assign(step)
         assert float(optimizer.learning_rate) == pytest.approx(0.002 * (1 + np.cos(np.pi * step / 14)) / 2, abs=1e-9)
@@ -166,7 +171,7 @@ def test_first_occurrence_weight_multiplies_the_loss_of_first_drawings_in_the_me
     batches = training_batches(dataset, args.classes, args.images_per_class, batch_size=4, episodes=4, seed=3,
                                epochs=range(1), first_occurrence_weight=args.first_occurrence_weight)
     (images, previous), labels, _ = next(iter(batches))
-    model = compiled_model_of(args)
+    model = model_for_training(args)
     predictions = model([images, previous], training=True).numpy()  # what fit's one step sees before it learns
 
     cross_entropy = -np.log(np.take_along_axis(predictions, labels.numpy()[..., None], axis=-1)[..., 0])
