@@ -28,6 +28,9 @@ import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from speed import cpu  # noqa: E402
+
 from learning_to_learn import OCCURRENCES, metric_names  # noqa: E402
 
 RECORD = os.path.join(ROOT, "benchmarks", "runs.csv")
@@ -115,7 +118,7 @@ RUNS = {
 }
 BEST_RUN = "first-weight-best-5way"  # the headline's best recipe
 BEST_SEEDS = [BEST_RUN, f"{BEST_RUN}-seed1", f"{BEST_RUN}-seed2"]  # the headline shows their mean and range
-README_RUNS = ["default-5way", "default-2way", "pooled-cnn-best-5way-12epochs", *BEST_SEEDS,
+README_RUNS = ["default-5way", "default-2way", *BEST_SEEDS,
                "no-feature-match-best-5way", "feature-labels-best-15way", "feature-labels-best-20way"]
 CHART_RUNS = ["default-5way", "lstm-only-5way", "sharpness-5way", "best-5way", "feature-labels-best-5way",
               "pooled-cnn-best-5way-12epochs", BEST_RUN]
@@ -373,20 +376,6 @@ def add_to_record(name, wall, peak_bytes=None, note="", commit=None):
         writer.writeheader()
         writer.writerows(record[known] for known in RUNS if known in record)
     print(f"{name}: {wall} on {platform.node()}", file=sys.stderr)
-
-
-def cpu(info=None):
-    """The CPU's model name and its widest vector instructions, from `info` (default: /proc/cpuinfo, where there
-    is one): a run's speed depends on both."""
-    try:
-        info = info or open("/proc/cpuinfo").read()
-    except OSError:
-        return platform.processor()
-    model = re.search(r"^model name\s*: (.*)$", info, re.MULTILINE)
-    flags = set(re.search(r"^flags\s*: (.*)$", info, re.MULTILINE).group(1).split())
-    widest = next((name for flag, name in [("avx512f", "AVX-512"), ("avx2", "AVX2"), ("avx", "AVX")]
-                   if flag in flags), "no AVX")
-    return f"{model.group(1) if model else platform.processor()}, {widest}"
 
 
 def head():

@@ -11,6 +11,8 @@ prints a Markdown table for the README. Steady-state speed counts training alone
 import argparse
 import json
 import os
+import platform
+import re
 import resource
 import subprocess
 import sys
@@ -18,8 +20,6 @@ import time
 
 START = time.perf_counter()
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from results import cpu  # noqa: E402
 
 bench = argparse.ArgumentParser(description=__doc__.splitlines()[0])
 bench.add_argument("--classes", default=[5, 2], type=int, nargs="+", help="Episode widths to measure.")
@@ -27,6 +27,20 @@ bench.add_argument("--train_episodes", default=3200, type=int, help="Training ep
 bench.add_argument("--test_episodes", default=320, type=int, help="Validation episodes.")
 bench.add_argument("--epochs", default=3, type=int, help="Epochs; the first one includes tracing and compiling.")
 bench.add_argument("--child", default=None, help=argparse.SUPPRESS)
+
+
+def cpu(info=None):
+    """The CPU's model name and its widest vector instructions, from `info` (default: /proc/cpuinfo, where there
+    is one): a run's speed depends on both."""
+    try:
+        info = info or open("/proc/cpuinfo").read()
+    except OSError:
+        return platform.processor()
+    model = re.search(r"^model name\s*: (.*)$", info, re.MULTILINE)
+    flags = set(re.search(r"^flags\s*: (.*)$", info, re.MULTILINE).group(1).split())
+    widest = next((name for flag, name in [("avx512f", "AVX-512"), ("avx2", "AVX2"), ("avx", "AVX")]
+                   if flag in flags), "no AVX")
+    return f"{model.group(1) if model else platform.processor()}, {widest}"
 
 
 def measure(flags):
