@@ -109,6 +109,10 @@ RUNS = {
     # recipe, in an hour.
     "feature-labels-best-20way": ["--classes=20", "--images_per_class=6"] + BEST[1:-1]
                                  + ["--feature_match", "--feature_labels", "--epochs=32"],
+    "feature-labels-best-20way-seed1": ["--classes=20", "--images_per_class=6"] + BEST[1:-1]
+                                       + ["--feature_match", "--feature_labels", "--epochs=32", "--seed=1"],
+    "feature-labels-best-20way-seed2": ["--classes=20", "--images_per_class=6"] + BEST[1:-1]
+                                       + ["--feature_match", "--feature_labels", "--epochs=32", "--seed=2"],
     # 15-way episodes (150 steps, 150 cells) on the best recipe, as many epochs as an hour holds.
     "best-15way": ["--classes=15"] + BEST[1:-1] + ["--epochs=15"],
     "feature-labels-best-15way": ["--classes=15"] + BEST[1:-1] + ["--feature_match", "--feature_labels", "--epochs=15"],
