@@ -56,7 +56,7 @@ except ImportError as error:  # not installed, or no room to load it (ulimit -v)
           "-r requirements.txt, in memory enough for it", file=sys.stderr)
     sys.exit(2)
 
-from omniglot_dataset import DataError, Omniglot, leftovers, not_a_file, unwritable, write_atomically
+from omniglot_dataset import ALPHABETS_FILE, DataError, Omniglot, leftovers, not_a_file, unwritable, write_atomically
 
 # Flags
 
@@ -105,6 +105,8 @@ add_flag(data, "train_episodes", default=10000, type=int, least=1, metavar="N",
          help="Training episodes per epoch, fresh every epoch.")
 add_flag(data, "rotations", default=False, action="store_true",
          help="Train also on every character rotated by 90, 180 and 270 degrees, each a new character.")
+add_flag(data, "within_alphabet", default=False, action="store_true",
+         help="Draw each training episode's characters from one alphabet, as Lake's one-shot runs do.")
 add_flag(data, "shift", default=0, type=int, least=0, most=Omniglot.H - 1, metavar="N",
          help="Move every training image by up to N pixels each way, at random.")
 add_flag(data, "test_episodes", training_only=False, default=1000, type=int, least=1, metavar="N",
@@ -173,10 +175,12 @@ class EpisodeGenerator:
     An episode takes `classes` distinct random characters, the i-th of them
     labelled i (the characters come in random order, so the labels are
     random), `images_per_class` distinct random drawings of each, and shuffles
-    these `episode_length(classes, images_per_class)` images.
+    these `episode_length(classes, images_per_class)` images. `within_alphabet`:
+    an episode's characters all come from one alphabet, drawn uniformly from
+    those of `classes` characters or more (the dataset's `alphabets` name them).
     """
 
-    def __init__(self, dataset, classes, images_per_class, seed):
+    def __init__(self, dataset, classes, images_per_class, seed, within_alphabet=False):
         self._classes, self._images_per_class = classes, images_per_class
         self._rng = np.random.default_rng(seed)
 
@@ -188,12 +192,23 @@ class EpisodeGenerator:
         slot = np.arange(len(labels)) - first_image[character_of_image[by_character]]
         self._drawings = np.zeros([len(characters), self._counts.max()], np.int64)
         self._drawings[character_of_image[by_character], slot] = by_character
+        if within_alphabet:
+            names, self._alphabet = np.unique(dataset.alphabets[characters], return_inverse=True)
+            sizes = np.bincount(self._alphabet)
+            self._alphabets_large_enough = np.flatnonzero(sizes >= classes)
+            if not len(self._alphabets_large_enough):
+                raise ValueError(f"no alphabet has {classes} characters: the largest has {sizes.max()}")
+        self._within_alphabet = within_alphabet
 
     def sample(self, episodes):
         """Returns `(image_indices, labels)` of `episodes` episodes, each `[episodes, steps]`."""
         classes, per_class = self._classes, self._images_per_class
-        # Distinct characters: the first ones of a random permutation.
-        characters = np.argsort(self._rng.random([episodes, len(self._counts)]), axis=1)[:, :classes]
+        # Distinct characters: the first ones of a random permutation (of one alphabet's, the others sorted last).
+        keys = self._rng.random([episodes, len(self._counts)])
+        if self._within_alphabet:
+            alphabets = self._rng.choice(self._alphabets_large_enough, episodes)
+            keys[self._alphabet[None] != alphabets[:, None]] = np.inf
+        characters = np.argsort(keys, axis=1)[:, :classes]
         # Distinct drawings of each: the first ones of a random order, with missing drawings sorted last.
         keys = self._rng.random([episodes, classes, self._drawings.shape[1]])
         keys[np.arange(self._drawings.shape[1]) >= self._counts[characters][..., None]] = np.inf
@@ -208,14 +223,17 @@ class EpisodeGenerator:
 def with_rotations(dataset):
     """`dataset` with every character also rotated by 90, 180 and 270 degrees, each rotation a new character.
 
-    Santoro et al. do the same: four times the characters to learn from, at no cost in data.
+    Santoro et al. do the same: four times the characters to learn from, at no cost in data. Each rotation of an
+    alphabet is an alphabet of its own, its characters as alike as the upright ones.
     """
     images = dataset.data["images"]
     characters, labels = np.unique(dataset.data["labels"], return_inverse=True)  # 0, 1, ...: no rotation collides
+    alphabets = getattr(dataset, "alphabets", None)
     return argparse.Namespace(data={
         "images": np.concatenate([np.rot90(images, quarter, axes=(1, 2)) for quarter in range(4)]),
         "labels": np.concatenate([labels + quarter * len(characters) for quarter in range(4)]),
-    })
+    }, alphabets=None if alphabets is None else np.concatenate(
+        [np.char.add(alphabets[characters], f" rotated by {90 * quarter}") for quarter in range(4)]))
 
 
 def shifted(images, offsets, shift):
@@ -247,7 +265,7 @@ def validation_batches(dataset, classes, images_per_class, batch_size, episodes)
 
 
 def training_batches(dataset, classes, images_per_class, batch_size, episodes, seed, epochs, shift=0,
-                     first_occurrence_weight=1.0):
+                     first_occurrence_weight=1.0, within_alphabet=False):
     """The batches of `episodes` fresh episodes an epoch, for each epoch of the `range` `epochs`, one after another.
 
     An epoch's episodes, and the moves of its images by up to `shift` pixels,
@@ -259,7 +277,8 @@ def training_batches(dataset, classes, images_per_class, batch_size, episodes, s
     steps = episode_length(classes, images_per_class)
 
     def sample(epoch):
-        indices, labels = EpisodeGenerator(dataset, classes, images_per_class, seed=[seed, epoch]).sample(episodes)
+        indices, labels = EpisodeGenerator(dataset, classes, images_per_class, [seed, epoch],
+                                           within_alphabet).sample(episodes)
         offsets = np.random.default_rng([seed, epoch, 1]).integers(0, 2 * shift + 1, [episodes, steps, 2])
         return indices, previous_labels(labels), labels, offsets
 
@@ -639,7 +658,8 @@ def main(args, callbacks=()):
     train = training_batches(with_rotations(omniglot.train) if args.rotations else omniglot.train,
                              args.classes, args.images_per_class, args.batch_size, args.train_episodes,
                              args.seed, epochs=range(initial_epoch, args.epochs), shift=args.shift,
-                             first_occurrence_weight=args.first_occurrence_weight)
+                             first_occurrence_weight=args.first_occurrence_weight,
+                             within_alphabet=args.within_alphabet)
     with told_what_is_kept(checkpoint, args.save_model):
         # shuffle=False: the episodes are drawn at random already, and a tf.data input cannot be shuffled by fit.
         history = model.fit(train, epochs=args.epochs, initial_epoch=initial_epoch,
@@ -836,6 +856,15 @@ def check_episodes_fit(args, omniglot):
         if args.images_per_class > drawings.min():
             parser.error(f"argument --images_per_class: invalid value {args.images_per_class}: "
                          f"some characters of the {split} split have only {drawings.min()} drawings")
+    if args.within_alphabet:
+        if omniglot.train.alphabets is None:
+            raise DataError(f"--within_alphabet needs each character's alphabet, and {omniglot.path} names none: "
+                            f"put a {ALPHABETS_FILE} of the columns split, label and alphabet beside it, or remove "
+                            "it and unset OMNIGLOT_DATA: the next run downloads the data set, which names them")
+        largest = np.unique(omniglot.train.alphabets, return_counts=True)[1].max()
+        if args.classes > largest:
+            parser.error(f"argument --classes: invalid value {args.classes}: with --within_alphabet at most "
+                         f"{largest}, the characters of the train split's largest alphabet")
 
 
 class RunEnded(Exception):

@@ -4,6 +4,8 @@
 `Omniglot().test` the 20 evaluation alphabets (659 characters), 20 drawings of
 each character; `.data["images"]` is `[N, 28, 28, 1]` float32 ink in [0, 1]
 and `.data["labels"]` is `[N]` int32, the character's index within its split.
+`.alphabets[label]` names the alphabet of each character, or `.alphabets` is
+None where the data names none (see `ALPHABETS_FILE`).
 
 The data comes from the first of:
 1. the npz file named by the environment variable `OMNIGLOT_DATA` (never
@@ -15,6 +17,7 @@ The data comes from the first of:
    written atomically to the cache of 2.
 """
 import contextlib
+import csv
 import glob
 import os
 import socket
@@ -32,6 +35,9 @@ RELEASE_FILES = {
     "test": ("images_evaluation.zip", "6b91aef0f799c5bb55b94e3f2daec811"),
 }
 CACHE_FILE = "omniglot.npz"
+# Each character's alphabet: the npz's own `{split}_alphabets`, which a download writes, else this file beside the
+# npz (split,label,file_prefix,alphabet,character: one row a character), else none.
+ALPHABETS_FILE = "characters.csv"
 DOWNLOAD_TIMEOUT = 60  # seconds a server may stay silent before a download fails
 
 
@@ -107,10 +113,10 @@ def cache_dir():
 
 
 def convert_release_zip(path):
-    """Returns `(images, prefixes, drawings)` of the PNGs in a release zip, as `to_28x28` converts them.
+    """Returns `(images, prefixes, drawings, alphabets)` of the PNGs in a release zip, as `to_28x28` converts them.
 
-    `images` is `[N, 28, 28, 1]` uint8, ordered by the file name `PPPP_DD.png`: the character's prefix PPPP,
-    then the drawing DD.
+    `images` is `[N, 28, 28, 1]` uint8, ordered by the file name `<set>/<alphabet>/characterNN/PPPP_DD.png`: the
+    character's prefix PPPP, then the drawing DD; `alphabets` holds each image's alphabet, its folder's name.
     """
     with zipfile.ZipFile(path) as archive:
         names = sorted((name for name in archive.namelist() if name.endswith(".png")), key=os.path.basename)
@@ -118,7 +124,8 @@ def convert_release_zip(path):
     stems = [os.path.basename(name)[:-len(".png")].split("_") for name in names]
     prefixes = np.array([int(prefix) for prefix, _ in stems], np.int32)
     drawings = np.array([int(drawing) for _, drawing in stems], np.int32)
-    return to_28x28(pngs), prefixes, drawings
+    alphabets = np.array([name.split("/")[-3] for name in names])
+    return to_28x28(pngs), prefixes, drawings, alphabets
 
 
 def to_28x28(pngs):
@@ -170,10 +177,12 @@ def download_and_convert(path):
     for split, (fname, md5) in RELEASE_FILES.items():
         zip_path = download(fname, md5, base_url)
         print(f"Converting {fname}", file=sys.stderr)
-        images, prefixes, _ = convert_release_zip(zip_path)
+        images, prefixes, _, alphabets = convert_release_zip(zip_path)
         arrays[f"{split}_images"] = images
         # A character's label is its rank within its split: the order of characters.csv.
-        arrays[f"{split}_labels"] = np.unique(prefixes, return_inverse=True)[1].astype(np.int32)
+        _, first_image, labels = np.unique(prefixes, return_index=True, return_inverse=True)
+        arrays[f"{split}_labels"] = labels.astype(np.int32)
+        arrays[f"{split}_alphabets"] = alphabets[first_image]
     os.makedirs(os.path.dirname(path), exist_ok=True)
     write_atomically(path, lambda temporary: np.savez_compressed(temporary, **arrays), suffix=".npz")
 
@@ -201,7 +210,35 @@ def load_npz(path, fix):
         if len(labels) and (labels.min() < 0 or labels.max() > np.iinfo(np.int32).max):
             raise DataError(f"{path}: {split}_labels run from {labels.min()} to {labels.max()}, "
                             f"expected labels 0..{np.iinfo(np.int32).max}; {fix}")
+    characters = {split: int(arrays[f"{split}_labels"].max(initial=-1)) + 1 for split in ["train", "test"]}
+    alphabets_file = os.path.join(os.path.dirname(path), ALPHABETS_FILE)
+    if not any(f"{split}_alphabets" in arrays for split in characters) and os.path.isfile(alphabets_file):
+        arrays.update(read_alphabets(alphabets_file, characters))
+    for split in ["train", "test"]:
+        alphabets = arrays.get(f"{split}_alphabets")
+        if alphabets is not None and (alphabets.dtype.kind != "U" or alphabets.shape != (characters[split],)):
+            raise DataError(f"{path}: {split}_alphabets is {alphabets.dtype} {alphabets.shape}, expected "
+                            f"{characters[split]} names, one a character; {fix}")
     return arrays
+
+
+def read_alphabets(path, characters):
+    """`{split}_alphabets` of a characters.csv: the alphabet of each of a split's `characters[split]` labels."""
+    fix = "fix it or remove it"
+    try:
+        with open(path, newline="") as file:
+            rows = list(csv.DictReader(file))
+        alphabets = {split: {int(row["label"]): row["alphabet"] for row in rows if row["split"] == split}
+                     for split in characters}
+    except (OSError, UnicodeDecodeError, csv.Error, KeyError, TypeError, ValueError) as error:
+        raise DataError(f"cannot read {path} ({error!r}): expected the columns split, label and alphabet; "
+                        f"{fix}") from None
+    for split, count in characters.items():
+        if sorted(alphabets[split]) != list(range(count)) or not all(alphabets[split].values()):
+            raise DataError(f"{path} does not name an alphabet for each of the {count} characters of the {split} "
+                            f"split, labels 0 to {count - 1}, once each; {fix}")
+    return {f"{split}_alphabets": np.array([names[label] for label in range(len(names))])
+            for split, names in alphabets.items()}
 
 
 class Omniglot:
@@ -209,9 +246,10 @@ class Omniglot:
     CHARACTERS = {"train": 964, "test": 659}  # of each split in the release
 
     class Dataset:
-        def __init__(self, images, labels):
+        def __init__(self, images, labels, alphabets=None):
             self._data = {"images": images.astype(np.float32) / 255, "labels": labels.astype(np.int32)}
             self._size = len(labels)
+            self.alphabets = alphabets  # of each label, or None
 
         @property
         def data(self):
@@ -234,4 +272,6 @@ class Omniglot:
                 download_and_convert(path)
             arrays = load_npz(path, fix="remove it, and the next run downloads the data set again")
         for split in ["train", "test"]:
-            setattr(self, split, self.Dataset(arrays[f"{split}_images"], arrays[f"{split}_labels"]))
+            setattr(self, split, self.Dataset(arrays[f"{split}_images"], arrays[f"{split}_labels"],
+                                              arrays.get(f"{split}_alphabets")))
+        self.path = path

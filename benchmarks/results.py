@@ -105,6 +105,9 @@ RUNS = {
     # ... without the best match of the features: does the vote need it?
     "no-feature-match-best-5way": [flag for flag in POOLED if flag != "--feature_match"]
                                   + ["--epochs=12", "--first_occurrence_weight=1.75"],
+    # Each training episode's characters of one alphabet, as in Lake's runs: the similar characters, on the default
+    # budget.
+    "within-alphabet-5way": ["--classes=5", "--within_alphabet"],
     # 20-way episodes of 6 drawings a class (120 steps: room for 20-way 5-shot tasks and Lake's runs), the 15-way
     # recipe, in an hour.
     "feature-labels-best-20way": ["--classes=20", "--images_per_class=6"] + BEST[1:-1]

@@ -2,6 +2,7 @@
 
 The README's table "Bad input" lists every case tried here and the program's answer.
 """
+import collections
 import os
 import re
 import resource
@@ -126,6 +127,7 @@ BAD_FILES = {
     # int32 would wrap 2**31 onto -2**31; negative labels would make rotated characters collide.
     "labels too large for int32": lambda path, npz: npz_with(path, npz, train_labels=np.arange(19280) + 2**31 - 1),
     "negative labels": lambda path, npz: npz_with(path, npz, test_labels=np.arange(13180) - 1),
+    "alphabets not one a character": lambda path, npz: npz_with(path, npz, train_alphabets=np.array(["A"] * 5)),
 }
 PROBLEMS = {
     "missing": "cannot read", "empty": "cannot read", "not an npz": "cannot read", "truncated": "cannot read",
@@ -135,6 +137,7 @@ PROBLEMS = {
     "labels not matching the images": "train_labels is int32 (7,), expected integers, one per image (19280)",
     "labels too large for int32": "train_labels run from 2147483647 to 2147502926, expected labels 0..2147483647",
     "negative labels": "test_labels run from -1 to 13178, expected labels 0..2147483647",
+    "alphabets not one a character": "train_alphabets is <U1 (5,), expected 964 names, one a character",
 }
 
 
@@ -158,6 +161,29 @@ def test_bad_cache_file_says_to_remove_it(kind, tmp_path, monkeypatch, omniglot_
     with pytest.raises(DataError, match="remove it, and the next run downloads the data set again") as error:
         Omniglot()
     assert str(path) in str(error.value)
+
+
+def test_within_alphabet_needs_the_alphabets_and_one_large_enough(tmp_path, monkeypatch, omniglot_npz, capsys):
+    from learning_to_learn import check_episodes_fit
+
+    unnamed = npz_with(tmp_path / "omniglot.npz", omniglot_npz, train_alphabets=None, test_alphabets=None)
+    monkeypatch.setenv("OMNIGLOT_DATA", str(unnamed))
+    with pytest.raises(DataError, match=rf"^--within_alphabet needs each character's alphabet, and {unnamed} names "
+                                        r"none: put a characters.csv .* beside it, or remove it and unset "):
+        check_episodes_fit(parse_args(["--within_alphabet"]), Omniglot())
+    check_episodes_fit(parse_args([]), Omniglot())  # without the flag it is no matter
+
+    monkeypatch.setenv("OMNIGLOT_DATA", omniglot_npz)
+    omniglot = Omniglot()
+    if omniglot.train.alphabets is None:
+        pytest.skip(f"{omniglot_npz} names no alphabets")
+    largest = max(collections.Counter(omniglot.train.alphabets).values())
+    with pytest.raises(SystemExit) as exit:
+        check_episodes_fit(parse_args([f"--classes={largest + 1}", "--within_alphabet"]), omniglot)
+    assert exit.value.code == 2 and capsys.readouterr().err.splitlines()[-1].endswith(
+        f"error: argument --classes: invalid value {largest + 1}: with --within_alphabet at most {largest}, "
+        "the characters of the train split's largest alphabet")
+    check_episodes_fit(parse_args([f"--classes={largest}", "--within_alphabet"]), omniglot)
 
 
 @pytest.mark.slow

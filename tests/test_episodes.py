@@ -219,3 +219,46 @@ def test_only_training_images_are_shifted():
 
     (unshifted, _), _ = collect(validation(dataset, args, episodes=12))[0]
     np.testing.assert_array_equal(unshifted, unshifted[:, :, :1, :1] * np.ones([1, 1, 28, 28, 1]))
+
+
+def test_within_alphabet_episodes_take_every_character_from_one_alphabet():
+    # Alphabets A (5 characters), B (3) and C (2) over 10 characters with labels in scrambled order: a 3-way episode
+    # can come from A or B, never C; the alphabet is drawn uniformly, not by its size.
+    dataset = make_dataset([4] * 10)
+    dataset.alphabets = np.array(list("AACBABACAB"))  # of labels 0..9
+    indices, labels = EpisodeGenerator(dataset, 3, 2, seed=0, within_alphabet=True).sample(2000)
+    characters = dataset.data["labels"][indices]
+    alphabets = dataset.alphabets[characters]
+    assert (alphabets == alphabets[:, :1]).all(), "an episode mixes alphabets"
+    assert set(alphabets[:, 0]) == {"A", "B"}
+    assert abs(np.mean(alphabets[:, 0] == "A") - 0.5) < 0.04  # 2000 draws: a standard deviation of 0.011
+    # Within A, every 3 of its 5 characters come, each about as often.
+    of_a = characters[alphabets[:, 0] == "A"]
+    np.testing.assert_array_equal(np.unique(of_a), [0, 1, 4, 6, 8])
+    assert np.bincount(of_a.ravel()).max() < 1.2 * np.bincount(of_a.ravel())[[0, 1, 4, 6, 8]].min()
+    for episode in range(5):
+        check_episode(dataset, make_args(classes=3, images_per_class=2), dataset.data["images"][indices[episode]],
+                      previous_labels(labels[episode]), labels[episode])
+
+
+def test_within_alphabet_needs_an_alphabet_large_enough():
+    dataset = make_dataset([2] * 4)
+    dataset.alphabets = np.array(list("AABB"))
+    try:
+        EpisodeGenerator(dataset, 3, 1, seed=0, within_alphabet=True)
+    except ValueError as error:
+        assert "no alphabet has 3 characters: the largest has 2" in str(error)
+    else:
+        raise AssertionError("a 3-way episode was drawn from alphabets of 2")
+
+
+def test_rotations_make_each_turn_of_an_alphabet_an_alphabet():
+    dataset = make_dataset([1, 1, 1])
+    dataset.alphabets = np.array(["A", "B", "A"])
+    rotated = with_rotations(dataset)
+    characters = rotated.data["labels"]
+    # Characters 0 and 2 stay together in each turn, never with another turn's.
+    names = rotated.alphabets[characters]
+    assert len(set(names)) == 8 and names[0] == names[2] != names[3] == names[5]
+    indices, _ = EpisodeGenerator(rotated, 2, 1, seed=0, within_alphabet=True).sample(200)
+    assert (np.sort(characters[indices] % 3, axis=1) == [0, 2]).all()

@@ -43,6 +43,15 @@ def test_a_task_shows_k_drawings_of_each_of_n_characters_then_other_drawings_of_
     assert all((a == b).all() for a, b in zip(again, (support, support_labels, query, query_labels), strict=True))
 
 
+def test_within_alphabet_tasks_take_their_characters_from_one_alphabet():
+    dataset = noise_dataset()
+    dataset.alphabets = np.array([f"alphabet {character // 10}" for character in range(30)])
+    support, _, query, _ = few_shot.draw_tasks(dataset, ways=5, shots=1, queries=1, count=100, seed=1,
+                                               within_alphabet=True)
+    alphabets = dataset.data["labels"][np.concatenate([support, query], axis=1)] // 10
+    assert (alphabets == alphabets[:, :1]).all() and len(np.unique(alphabets)) == 3
+
+
 def nearest_neighbour_model(steps, classes):
     """A model that answers each step with the label of the earlier image nearest to its own, in pixels."""
     images = keras.Input([steps, 28, 28, 1])

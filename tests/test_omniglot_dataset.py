@@ -1,4 +1,5 @@
 """Reading, downloading and converting Omniglot, offline: a loopback HTTP server serves the release zips."""
+import csv
 import hashlib
 import http.server
 import os
@@ -48,6 +49,8 @@ def test_download_converts_the_release_bit_for_bit(serve, offline_cache, monkeyp
                                   "test": ("images_evaluation.zip", small2)})
     monkeypatch.setenv("OMNIGLOT_URL", url)
 
+    with open(os.path.join(SHARED_OMNIGLOT, "characters.csv")) as file:
+        listed = {row["file_prefix"]: row["alphabet"] for row in csv.DictReader(file) if row["split"] == "train"}
     omniglot = Omniglot()
     cache = np.load(offline_cache / "omniglot.npz")
     reference = np.load(omniglot_npz)["train_images"]
@@ -61,6 +64,11 @@ def test_download_converts_the_release_bit_for_bit(serve, offline_cache, monkeyp
         np.testing.assert_array_equal(cache[f"{split}_labels"], np.searchsorted(np.unique(prefixes), prefixes))
         dataset = getattr(omniglot, split)
         assert dataset.size == len(names) and dataset.data["images"].dtype == np.float32
+        # Each character's alphabet is its folder's name, as characters.csv lists it for its prefix.
+        with zipfile.ZipFile(source) as archive:
+            folders = {os.path.basename(n)[:4]: n.split("/")[1] for n in archive.namelist() if n.endswith(".png")}
+        assert dataset.alphabets.tolist() == [folders[f"{prefix:04d}"] for prefix in np.unique(prefixes)]
+        assert dataset.alphabets.tolist() == [listed[f"{prefix:04d}"] for prefix in np.unique(prefixes)]
         np.testing.assert_array_equal(dataset.data["images"], reference[index] / np.float32(255))
     assert sorted(os.listdir(offline_cache)) == ["images_background.zip", "images_evaluation.zip", "omniglot.npz"]
 
@@ -157,3 +165,34 @@ def test_a_server_that_never_answers_is_given_up_on(offline_cache, monkeypatch):
         silent.close()
     assert os.listdir(offline_cache) == []
     assert socket.getdefaulttimeout() is None, "the time limit is the download's alone"
+
+
+def characters_csv(path, rows):
+    with open(path, "w", newline="") as file:
+        file.write("split,label,file_prefix,alphabet,character\n")
+        file.writelines(f"{split},{label},{label + 1:04d},{alphabet},character01\n" for split, label, alphabet in rows)
+
+
+def test_alphabets_come_from_a_characters_csv_beside_the_npz(tmp_path, monkeypatch, omniglot_npz):
+    arrays = dict(np.load(omniglot_npz))
+    np.savez(tmp_path / "omniglot.npz", **{key: arrays[key] for key in ["train_images", "train_labels",
+                                                                         "test_images", "test_labels"]})
+    monkeypatch.setenv("OMNIGLOT_DATA", str(tmp_path / "omniglot.npz"))
+    assert Omniglot().train.alphabets is None and Omniglot().test.alphabets is None
+
+    # Rows in any order; a character's alphabet is found by its label.
+    rows = [(split, label, f"{split}{label % 7}") for split, count in Omniglot.CHARACTERS.items()
+            for label in range(count)]
+    characters_csv(tmp_path / "characters.csv", rows[::-1])
+    omniglot = Omniglot()
+    assert omniglot.train.alphabets.tolist() == [f"train{label % 7}" for label in range(964)]
+    assert omniglot.test.alphabets.tolist() == [f"test{label % 7}" for label in range(659)]
+
+    characters_csv(tmp_path / "characters.csv", rows[1:])
+    with pytest.raises(DataError, match=rf"^{tmp_path / 'characters.csv'} does not name an alphabet for each of "
+                                        r"the 964 characters of the train split, labels 0 to 963, once each"):
+        Omniglot()
+    (tmp_path / "characters.csv").write_text("split,label\ntrain,0\n")
+    with pytest.raises(DataError, match=r"cannot read .*characters.csv \(KeyError\('alphabet'\)\): expected the "
+                                        "columns split, label and alphabet; fix it or remove it"):
+        Omniglot()
