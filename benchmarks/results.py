@@ -18,6 +18,7 @@ the commit its clone was at, `--note` what else ran on the machine. The chart ne
 """
 import argparse
 import csv
+import glob
 import os
 import platform
 import re
@@ -125,6 +126,23 @@ RUNS = {
 }
 BEST_RUN = "first-weight-best-5way"  # the headline's best recipe
 BEST_SEEDS = [BEST_RUN, f"{BEST_RUN}-seed1", f"{BEST_RUN}-seed2"]  # the headline shows their mean and range
+# The recipes on the field's benchmarks: (what the table calls it, its runs, one a seed). The figures of a run's
+# model are the logs of `few_shot.py` (few-shot-RUN-Kshot.log) and `lake_oneshot.py` (lake-oneshot-RUN.log).
+FIELD_RECIPES = [("the best 5-way recipe", BEST_SEEDS),
+                 ("the 20-way recipe", ["feature-labels-best-20way", "feature-labels-best-20way-seed1",
+                                        "feature-labels-best-20way-seed2"])]
+# (system, training data, 5-way 1-shot, 5-shot, 20-way 1-shot, 5-shot, Lake's runs' error), as published.
+FIELD_ANCHORS = [
+    ("Kaiser et al. 2017, memory module", "the same", "98.4", "99.6", "95.0", "98.6", ""),
+    ("Prototypical networks (Snell et al. 2017)", "Vinyals's split, 1,200 characters: easier", "98.8", "99.7",
+     "96.0", "98.9", ""),
+    ("MAML (Finn et al. 2017)", "Vinyals's split", "98.7", "99.9", "95.8", "98.9", ""),
+    ("SNAIL (Mishra et al. 2018), a sequence model as this one", "Vinyals's split", "99.07", "99.78", "97.64",
+     "99.36", ""),
+    ("a 4-layer siamese net, tasks within an alphabet", "background alphabets", "90.5", "95.8", "75.8", "87.2", ""),
+    ("Bayesian program learning (Lake et al. 2015)", "background alphabets, strokes", "", "", "", "", "3.3"),
+    ("humans; modified Hausdorff distance", "", "", "", "", "", "4.5; 38.8"),
+]
 README_RUNS = ["default-5way", "default-2way", *BEST_SEEDS,
                "no-feature-match-best-5way", "feature-labels-best-15way", "feature-labels-best-20way"]
 CHART_RUNS = ["default-5way", "lstm-only-5way", "sharpness-5way", "best-5way", "feature-labels-best-5way",
@@ -221,6 +239,39 @@ def mean_and_range(values):
     return f"{sum(values) / len(values):.4f} ({min(values):.4f}-{max(values):.4f})"
 
 
+def scored(name):
+    """{setting: percentage} of the scorers' logs of run `name`'s model: "5-way 1-shot", ..., "Lake"."""
+    figures = {}
+    for log in glob.glob(os.path.join(LOGS, f"few-shot-{glob.escape(name)}-*shot.log")):
+        if not re.fullmatch(rf"few-shot-{re.escape(name)}-\d+shot\.log", os.path.basename(log)):
+            continue  # another run's, whose name begins with this one's
+        found = re.search(r"^(\d+-way \d+-shot): (\d+\.\d+)%", open(log, errors="replace").read(), re.MULTILINE)
+        figures[found.group(1)] = float(found.group(2))
+    lake = os.path.join(LOGS, f"lake-oneshot-{name}.log")
+    if os.path.exists(lake):
+        figures["Lake"] = float(re.search(r"400 test drawings of 20 runs: (\d+\.\d+)%", open(lake).read()).group(1))
+    return figures
+
+
+def field_table():
+    """This program's recipes on the field's benchmarks (the mean and range over seeds), beside the anchors."""
+    settings = ["5-way 1-shot", "5-way 5-shot", "20-way 1-shot", "20-way 5-shot", "Lake"]
+    lines = ["| system | training data | " + " | ".join(settings[:-1]) + " | Lake's 20 runs, error |",
+             "| --- " * (2 + len(settings)) + "|"]
+    for title, names in FIELD_RECIPES:
+        figures = [scored(name) for name in names]
+        cells = []
+        for setting in settings:
+            values = [figure[setting] for figure in figures if setting in figure]
+            mean = f"{sum(values) / len(values):.2f}" if values else ""
+            cells.append(f"{mean} ({min(values):.2f}-{max(values):.2f})" if len(values) > 1 else mean)
+        seeds = max(sum(setting in figure for figure in figures) for setting in settings)
+        lines.append(f"| this program, {title} ({seeds} seed{'s' if seeds > 1 else ''}) | background alphabets "
+                     f"x 4 rotations | " + " | ".join(cells) + " |")
+    lines += ["| " + " | ".join(anchor) + " |" for anchor in FIELD_ANCHORS]
+    return "\n".join(lines)
+
+
 def difference(before, after):
     return f"{float(after) - float(before):+.4f}"
 
@@ -268,7 +319,7 @@ def tables(record):
     readme = runs_table(README_RUNS, occurrence_columns, headers=["1st", "2nd", "5th", "10th"], short=True)
     readme += [f"| {title} | | | | | | | {occurrence_cells(values)} |" for title, values in README_ANCHORS.items()]
     return {"headline": "\n".join(headline), "readme-runs": "\n".join(readme), "effects": "\n".join(effects),
-            "recipe": "\n".join(steps), "anchors": "\n".join(anchors)}
+            "recipe": "\n".join(steps), "anchors": "\n".join(anchors), "field": field_table()}
 
 
 def marked(name):

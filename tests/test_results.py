@@ -103,3 +103,21 @@ def test_a_cpu_is_named_with_its_widest_vector_instructions():
     assert results.cpu(avx2) == "AMD EPYC 7B13, AVX2"
     assert results.cpu(avx2.replace("avx2", "avx2 avx512f avx512bw")) == "AMD EPYC 7B13, AVX-512"
     assert results.cpu(avx2.replace(" avx avx2 fma", "")) == "AMD EPYC 7B13, no AVX"
+
+
+def test_the_fields_table_shows_each_recipes_mean_and_range_over_its_seeds_models(tmp_path, monkeypatch):
+    # The logs as the scorers print them, with /usr/bin/time's report after.
+    for name, one_shot, lake in [("a", "90.00", "10.00"), ("a-seed1", "91.50", "20.50"), ("a-seed2", "95.00", None)]:
+        (tmp_path / f"few-shot-{name}-1shot.log").write_text(
+            f"1000/1000 ━━ 42s\n20-way 1-shot: {one_shot}% +- 0.50% (95% confidence) over 1000 tasks\n"
+            "\tExit status: 0\n")
+        if lake:
+            (tmp_path / f"lake-oneshot-{name}.log").write_text(
+                f"run01: 0.0% error\nerror over the 400 test drawings of 20 runs: {lake}% (10 orders each)\n")
+    monkeypatch.setattr(results, "LOGS", str(tmp_path))
+    monkeypatch.setattr(results, "FIELD_RECIPES", [("recipe a", ["a", "a-seed1", "a-seed2"])])
+    row = results.field_table().splitlines()[2]
+    # The mean of 90, 91.5 and 95 is 92.17; Lake's runs were scored for two of the models.
+    cells = [cell.strip() for cell in row.split("|")[1:-1]]
+    assert cells == ["this program, recipe a (3 seeds)", "background alphabets x 4 rotations", "", "",
+                     "92.17 (90.00-95.00)", "", "15.25 (10.00-20.50)"]
