@@ -126,11 +126,11 @@ RUNS = {
 }
 BEST_RUN = "first-weight-best-5way"  # the headline's best recipe
 BEST_SEEDS = [BEST_RUN, f"{BEST_RUN}-seed1", f"{BEST_RUN}-seed2"]  # the headline shows their mean and range
+TWENTY_WAY_SEEDS = ["feature-labels-best-20way", "feature-labels-best-20way-seed1", "feature-labels-best-20way-seed2"]
 # The recipes on the field's benchmarks: (what the table calls it, its runs, one a seed). The figures of a run's
 # model are the logs of `few_shot.py` (few-shot-RUN-Kshot.log) and `lake_oneshot.py` (lake-oneshot-RUN.log).
 FIELD_RECIPES = [("the best 5-way recipe", BEST_SEEDS),
-                 ("the 20-way recipe", ["feature-labels-best-20way", "feature-labels-best-20way-seed1",
-                                        "feature-labels-best-20way-seed2"])]
+                 ("the 20-way recipe", TWENTY_WAY_SEEDS)]
 # (system, training data, 5-way 1-shot, 5-shot, 20-way 1-shot, 5-shot, Lake's runs' error), as published.
 FIELD_ANCHORS = [
     ("Kaiser et al. 2017, memory module", "the same", "98.4", "99.6", "95.0", "98.6", ""),
@@ -143,8 +143,9 @@ FIELD_ANCHORS = [
     ("Bayesian program learning (Lake et al. 2015)", "background alphabets, strokes", "", "", "", "", "3.3"),
     ("humans; modified Hausdorff distance", "", "", "", "", "", "4.5; 38.8"),
 ]
-README_RUNS = ["default-5way", "default-2way", *BEST_SEEDS,
-               "no-feature-match-best-5way", "feature-labels-best-15way", "feature-labels-best-20way"]
+# The top-level README's runs, a row a recipe: the mean and range of those of its seeds that have run.
+README_RECIPES = [["default-5way"], ["default-2way"], BEST_SEEDS, ["no-feature-match-best-5way"],
+                  ["feature-labels-best-15way"], TWENTY_WAY_SEEDS]
 CHART_RUNS = ["default-5way", "lstm-only-5way", "sharpness-5way", "best-5way", "feature-labels-best-5way",
               "pooled-cnn-best-5way-12epochs", BEST_RUN]
 # What each flag or training choice did: (the change, the run without it, the run with it, what became of it).
@@ -291,16 +292,6 @@ def tables(record):
     for title in list(ANCHORS)[:2] + list(ANCHORS)[-1:]:
         headline.append(f"| {title} | | {occurrence_cells(ANCHORS[title])} | |")
 
-    def runs_table(names, columns, headers=None, short=False):
-        """A row a run; a short table names a run's flags as those it adds to a run above it."""
-        lines = ["| run | flags | seed | epochs | wall | machine | date | " + " | ".join(headers or columns) + " |",
-                 "| --- " * (7 + len(columns)) + "|"]
-        for index, name in enumerate(names):
-            run, flags = record[name], flags_cell(name, names[:index] if short else [])
-            lines.append(f"| {name} | {flags} | {run['seed']} | {run['epochs']} | {run['wall']} | {run['machine']} | "
-                         f"{run['date']} | " + " | ".join(run[column] for column in columns) + " |")
-        return lines
-
     effects = ["| change | run without | run with | 1st | 2nd | 5th | 10th | became |",
                "| --- | --- | --- | --- | --- | --- | --- | --- |"]
     for change, before, after, verdict in EFFECTS:
@@ -316,8 +307,16 @@ def tables(record):
                      + " | ".join(run[column] for column in occurrence_columns) + " |")
     anchors = ["| anchor (5-way) | 1st | 2nd | 5th | 10th |", "| --- | --- | --- | --- | --- |"]
     anchors += [f"| {title} | {occurrence_cells(values)} |" for title, values in ANCHORS.items()]
-    readme = runs_table(README_RUNS, occurrence_columns, headers=["1st", "2nd", "5th", "10th"], short=True)
-    readme += [f"| {title} | | | | | | | {occurrence_cells(values)} |" for title, values in README_ANCHORS.items()]
+    readme = ["| run | flags | seeds | epochs | wall | machine | 1st | 2nd | 5th | 10th |", "| --- " * 10 + "|"]
+    for index, names in enumerate(README_RECIPES):
+        runs = [record[name] for name in names if name in record]
+        figures = [mean_and_range([run[column] for run in runs]) if runs[0][column] else ""
+                   for column in occurrence_columns]
+        flags = flags_cell(names[0], [group[0] for group in README_RECIPES[:index]])
+        seeds, walls = ", ".join(run["seed"] for run in runs), ", ".join(run["wall"] for run in runs)
+        readme.append(f"| {names[0]} | {flags} | {seeds} | {runs[0]['epochs']} | {walls} | {runs[0]['machine']} | "
+                      + " | ".join(figures) + " |")
+    readme += [f"| {title} | | | | | | {occurrence_cells(values)} |" for title, values in README_ANCHORS.items()]
     return {"headline": "\n".join(headline), "readme-runs": "\n".join(readme), "effects": "\n".join(effects),
             "recipe": "\n".join(steps), "anchors": "\n".join(anchors), "field": field_table()}
 
