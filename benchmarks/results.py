@@ -192,6 +192,7 @@ EFFECTS = [
     ("`--seed=1`", "pooled-cnn-best-5way", "pooled-cnn-best-5way-seed1", ""),
     ("`--seed=1`", "first-weight-best-5way", "first-weight-best-5way-seed1", ""),
     ("`--seed=2`", "first-weight-best-5way", "first-weight-best-5way-seed2", ""),
+    ("`--seed=1`, 20-way", "feature-labels-best-20way", "feature-labels-best-20way-seed1", ""),
 ]
 # Flags that change no figure: what they do is tested, not measured.
 TOOLS = ["--checkpoint_dir", "--save_model", "--logdir", "--evaluate", "--threads"]
