@@ -275,7 +275,7 @@ def field_table():
 
 
 def difference(before, after):
-    return f"{float(after) - float(before):+.4f}"
+    return f"{float(after) - float(before):+.4f}" if before and after else ""  # no 10th in 20-way x 6
 
 
 def tables(record):
