@@ -186,6 +186,8 @@ EFFECTS = [
     ("`--first_occurrence_weight=1.75`, 15-way", "feature-labels-best-15way", "first-weight-best-15way",
      "not for 15-way"),
     ("without `--feature_match`", "first-weight-best-5way", "no-feature-match-best-5way", "kept: the vote needs it"),
+    ("`--within_alphabet`, 20 epochs: never used its memory", "default-5way", "within-alphabet-5way",
+     "for Lake's runs; not yet on a recipe"),
     ("`--seed=1`: a seed's spread", "best-5way", "best-5way-seed1", ""),
     ("`--seed=1`", "feature-match-sharpness-5way", "feature-match-sharpness-5way-seed1", ""),
     ("`--seed=1`", "feature-labels-best-5way", "feature-labels-best-5way-seed1", ""),
