@@ -147,8 +147,7 @@ FIELD_ANCHORS = [
 ]
 # The top-level README's runs, a row a recipe: the mean and range of those of its seeds that have run.
 DEFAULT_RUNS = ["default-5way", "default-5way-again"]  # one command, run twice
-README_RECIPES = [DEFAULT_RUNS, ["default-2way"], BEST_SEEDS, ["no-feature-match-best-5way"],
-                  ["feature-labels-best-15way"], TWENTY_WAY_SEEDS]
+README_RECIPES = [DEFAULT_RUNS, ["default-2way"], BEST_SEEDS, ["feature-labels-best-15way"], TWENTY_WAY_SEEDS]
 CHART_RUNS = ["default-5way", "lstm-only-5way", "sharpness-5way", "best-5way", "feature-labels-best-5way",
               "pooled-cnn-best-5way-12epochs", BEST_RUN]
 # What each flag or training choice did: (the change, the run without it, the run with it, what became of it).
