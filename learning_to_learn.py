@@ -193,8 +193,8 @@ class EpisodeGenerator:
         self._drawings = np.zeros([len(characters), self._counts.max()], np.int64)
         self._drawings[character_of_image[by_character], slot] = by_character
         if within_alphabet:
-            names, self._alphabet = np.unique(dataset.alphabets[characters], return_inverse=True)
-            sizes = np.bincount(self._alphabet)
+            _, self._alphabet_of_character = np.unique(dataset.alphabets[characters], return_inverse=True)
+            sizes = np.bincount(self._alphabet_of_character)
             self._alphabets_large_enough = np.flatnonzero(sizes >= classes)
             if not len(self._alphabets_large_enough):
                 raise ValueError(f"no alphabet has {classes} characters: the largest has {sizes.max()}")
@@ -207,7 +207,7 @@ class EpisodeGenerator:
         keys = self._rng.random([episodes, len(self._counts)])
         if self._within_alphabet:
             alphabets = self._rng.choice(self._alphabets_large_enough, episodes)
-            keys[self._alphabet[None] != alphabets[:, None]] = np.inf
+            keys[self._alphabet_of_character[None] != alphabets[:, None]] = np.inf
         characters = np.argsort(keys, axis=1)[:, :classes]
         # Distinct drawings of each: the first ones of a random order, with missing drawings sorted last.
         keys = self._rng.random([episodes, classes, self._drawings.shape[1]])
