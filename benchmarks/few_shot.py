@@ -87,8 +87,11 @@ def main(options):
     dataset = Omniglot().test
     if options.within_alphabet and dataset.alphabets is None:
         raise DataError("--within_alphabet needs each character's alphabet, and the data set names none")
-    support, support_labels, query, query_labels = draw_tasks(dataset, ways, options.shots, options.queries,
-                                                              options.tasks, options.seed, options.within_alphabet)
+    try:
+        support, support_labels, query, query_labels = draw_tasks(dataset, ways, options.shots, options.queries,
+                                                                  options.tasks, options.seed, options.within_alphabet)
+    except ValueError as error:  # no evaluation alphabet has as many characters as the model has classes
+        raise DataError(f"--within_alphabet: {error}, the model has {ways} classes") from None
     progress = keras.utils.Progbar(query.size, unit_name="query")
     probabilities = answer_queries(model, dataset.data["images"], support, support_labels, query, progress=progress)
     accuracy, interval = accuracy_and_interval(np.argmax(probabilities, axis=-1) == query_labels)
