@@ -197,6 +197,7 @@ EFFECTS = [
     ("`--seed=1`", "first-weight-best-5way", "first-weight-best-5way-seed1", ""),
     ("`--seed=2`", "first-weight-best-5way", "first-weight-best-5way-seed2", ""),
     ("`--seed=1`, 20-way", "feature-labels-best-20way", "feature-labels-best-20way-seed1", ""),
+    ("`--seed=2`, 20-way", "feature-labels-best-20way", "feature-labels-best-20way-seed2", ""),
 ]
 # Flags that change no figure: what they do is tested, not measured.
 TOOLS = ["--checkpoint_dir", "--save_model", "--logdir", "--evaluate", "--threads"]
