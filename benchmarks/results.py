@@ -18,7 +18,6 @@ the commit its clone was at, `--note` what else ran on the machine. The chart ne
 """
 import argparse
 import csv
-import glob
 import os
 import platform
 import re
@@ -249,10 +248,11 @@ def mean_and_range(values):
 def scored(name):
     """{setting: percentage} of the scorers' logs of run `name`'s model: "5-way 1-shot", ..., "Lake"."""
     figures = {}
-    for log in glob.glob(os.path.join(LOGS, f"few-shot-{glob.escape(name)}-*shot.log")):
-        if not re.fullmatch(rf"few-shot-{re.escape(name)}-\d+shot\.log", os.path.basename(log)):
-            continue  # another run's, whose name begins with this one's
-        found = re.search(r"^(\d+-way \d+-shot): (\d+\.\d+)%", open(log, errors="replace").read(), re.MULTILINE)
+    # Exactly this run's: the logs of its seeds' runs begin with its name too.
+    pattern = rf"few-shot-{re.escape(name)}-\d+shot\.log"
+    for log in sorted(file for file in os.listdir(LOGS) if re.fullmatch(pattern, file)):
+        text = open(os.path.join(LOGS, log), errors="replace").read()
+        found = re.search(r"^(\d+-way \d+-shot): (\d+\.\d+)%", text, re.MULTILINE)
         figures[found.group(1)] = float(found.group(2))
     lake = os.path.join(LOGS, f"lake-oneshot-{name}.log")
     if os.path.exists(lake):

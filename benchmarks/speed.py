@@ -145,26 +145,27 @@ def profile(flags, batches=20):
     program.main(program.parse_args(steady_flags), callbacks=[clock])
     step = 1000 * sorted(clock.training_seconds[1:])[0] / 50
 
+    # The run's own input pipeline: its first batch feeds the parts, the next ones time the pipeline.
     omniglot = program.Omniglot()
-    train = program.training_batches(program.with_rotations(omniglot.train) if args.rotations else omniglot.train,
-                                     args.classes, args.images_per_class, args.batch_size, args.train_episodes,
-                                     args.seed, range(1), shift=args.shift)
+    batch_iterator = iter(program.training_batches(
+        program.with_rotations(omniglot.train) if args.rotations else omniglot.train, args.classes,
+        args.images_per_class, args.batch_size, args.batch_size * (batches + 4), args.seed, range(1), shift=args.shift))
     model = program.model_for_training(args)
     recurrence = next(layer for layer in model.layers if isinstance(layer, keras.layers.RNN))
     features = keras.Model(model.inputs, recurrence.input)  # the CNN, the previous labels, the matches and vote
-    (images, previous), labels = next(iter(train))
+    (images, previous), labels = next(batch_iterator)
     inputs = features((images, previous))
     outputs = recurrence(inputs)
 
     def median_ms(function, *arguments):
-        for _ in range(3):  # tracing, compiling, warming up
-            tf.nest.map_structure(lambda tensor: tensor.numpy(), function(*arguments))
-        times = []
-        for _ in range(batches):
+        def seconds():
             start = time.perf_counter()
             tf.nest.map_structure(lambda tensor: tensor.numpy(), function(*arguments))
-            times.append(time.perf_counter() - start)
-        return 1000 * sorted(times)[len(times) // 2]
+            return time.perf_counter() - start
+
+        for _ in range(3):  # tracing, compiling, warming up
+            seconds()
+        return 1000 * sorted(seconds() for _ in range(batches))[batches // 2]
 
     def forward_and_backward(layer, layer_inputs, output_gradient, wrt_inputs):
         @tf.function
@@ -191,9 +192,6 @@ def profile(flags, batches=20):
                  for variable in model.trainable_variables]
     optimizer = median_ms(tf.function(lambda: model.optimizer.apply(gradients, model.trainable_variables) or
                                       tf.constant(0)))
-    pipeline = program.training_batches(omniglot.train, args.classes, args.images_per_class, args.batch_size,
-                                        args.batch_size * (batches + 3), args.seed, range(1), shift=args.shift)
-    batch_iterator = iter(pipeline)
     pipeline_ms = median_ms(lambda: next(batch_iterator))
     parts = [("the CNN and the inputs' features, forward", forward["cnn"]),
              ("... backward", both["cnn"] - forward["cnn"]),
