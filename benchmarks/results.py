@@ -51,6 +51,8 @@ RUNS = {
     "default-5way": ["--classes=5"],
     # The same command at a later commit, a faster day of the same machine: the default run's time now.
     "default-5way-again": ["--classes=5"],
+    "default-5way-seed1": ["--classes=5", "--seed=1"],
+    "default-5way-seed2": ["--classes=5", "--seed=2"],
     "default-2way": ["--classes=2"],
     "lstm-only-5way": ["--classes=5", "--read_heads=0"],  # no memory reads: what the controller alone learns
     "rotations-2heads-5way": ["--classes=5", "--rotations", "--read_heads=2", "--epochs=36"],
