@@ -14,6 +14,12 @@ steps after it. Tasks are drawn by `--seed`, the same for every model;
 accuracy is over all queries, its 95% confidence interval over tasks.
 `--within_alphabet` takes each task's characters from one alphabet, as Lake's
 runs do: the harder tasks of a 4-layer siamese net's 90.5% (5-way 1-shot).
+
+`--prototypes` scores the model's CNN alone, without the memory or the
+labels' steps: a query takes the label of the support class whose prototype,
+the mean of its drawings' unit feature vectors, is nearest in cosine (as
+prototypical networks do, by cosine). It tells what the features can tell
+apart, at any number of `--ways`.
 """
 import argparse
 import os
@@ -72,6 +78,17 @@ def answer_queries(model, images, support, support_labels, query, batch_size=64,
     return np.concatenate(answers).reshape(tasks, queries, -1)
 
 
+def prototype_similarities(features, support, support_labels, query, ways):
+    """Each query's cosine with each class's prototype `[tasks, queries, ways]`: the mean of the unit vectors of
+    its support's `features` `[N, features]` (rows of image indices; `support`, `support_labels`, `query` as in
+    `answer_queries`)."""
+    units = features / np.maximum(np.linalg.norm(features, axis=-1, keepdims=True), 1e-12)
+    one_hot = (support_labels[..., None] == np.arange(ways)).astype(units.dtype)  # [tasks, shown, ways]
+    prototypes = np.einsum("tsw,tsf->twf", one_hot, units[support])
+    prototypes /= np.maximum(np.linalg.norm(prototypes, axis=-1, keepdims=True), 1e-12)
+    return np.einsum("tqf,twf->tqw", units[query], prototypes)
+
+
 def accuracy_and_interval(right):
     """The accuracy over all of `right` `[tasks, queries]` and the half-width of its 95% confidence interval over
     tasks (normal, as the few-shot literature reports it)."""
@@ -83,21 +100,29 @@ def main(options):
     import keras
 
     model = load_trained_model(options.model)
-    ways = model.outputs[0].shape[-1]
+    ways = options.ways or model.outputs[0].shape[-1]
     dataset = Omniglot().test
     if options.within_alphabet and dataset.alphabets is None:
         raise DataError("--within_alphabet needs each character's alphabet, and the data set names none")
+    if ways > (characters := len(np.unique(dataset.data["labels"]))):
+        raise DataError(f"--ways: tasks of {ways} classes, and the evaluation alphabets have {characters} characters")
     try:
         support, support_labels, query, query_labels = draw_tasks(dataset, ways, options.shots, options.queries,
                                                                   options.tasks, options.seed, options.within_alphabet)
-    except ValueError as error:  # no evaluation alphabet has as many characters as the model has classes
-        raise DataError(f"--within_alphabet: {error}, the model has {ways} classes") from None
-    progress = keras.utils.Progbar(query.size, unit_name="query")
-    probabilities = answer_queries(model, dataset.data["images"], support, support_labels, query, progress=progress)
-    accuracy, interval = accuracy_and_interval(np.argmax(probabilities, axis=-1) == query_labels)
+    except ValueError as error:  # no evaluation alphabet has as many characters as a task has classes
+        raise DataError(f"--within_alphabet: {error}, a task has {ways}") from None
+    images = dataset.data["images"]
+    if options.prototypes:
+        features = model.get_layer("image_features").predict(images, batch_size=512, verbose=0)
+        answers = prototype_similarities(features, support, support_labels, query, ways)
+    else:
+        progress = keras.utils.Progbar(query.size, unit_name="query")
+        answers = answer_queries(model, images, support, support_labels, query, progress=progress)
+    accuracy, interval = accuracy_and_interval(np.argmax(answers, axis=-1) == query_labels)
     print(f"{ways}-way {options.shots}-shot: {100 * accuracy:.2f}% +- {100 * interval:.2f}% (95% confidence) over "
           f"{options.tasks} tasks of {query.shape[1]} queries, the evaluation alphabets"
-          f"{', one a task' if options.within_alphabet else ''}, seed {options.seed}")
+          f"{', one a task' if options.within_alphabet else ''}, seed {options.seed}"
+          + ("; the CNN's prototypes alone" if options.prototypes else ""))
     return accuracy, interval
 
 
@@ -109,9 +134,14 @@ if __name__ == "__main__":
     options.add_argument("--tasks", default=1000, type=int, help="Tasks to draw.")
     options.add_argument("--seed", default=0, type=int, help="The seed of the tasks.")
     options.add_argument("--within_alphabet", action="store_true", help="Each task's characters of one alphabet.")
+    options.add_argument("--prototypes", action="store_true", help="Answer by the CNN's features alone.")
+    options.add_argument("--ways", default=None, type=int, help="With --prototypes: classes a task (default: "
+                         "the model's).")
     arguments = options.parse_args()
-    for name, least in [("shots", 1), ("queries", 1), ("tasks", 2)]:
-        if getattr(arguments, name) < least:
+    if arguments.ways is not None and not arguments.prototypes:
+        options.error("argument --ways: only with --prototypes; the model answers with its own classes")
+    for name, least in [("shots", 1), ("queries", 1), ("tasks", 2), ("ways", 2)]:
+        if getattr(arguments, name) is not None and getattr(arguments, name) < least:
             options.error(f"argument --{name}: invalid value {getattr(arguments, name)}: must be at least {least}")
     if arguments.shots + arguments.queries > 20:
         options.error("arguments --shots, --queries: at most 20 in all, the drawings of a character")

@@ -11,7 +11,9 @@ with random labels, each label one step after its drawing) and answers each
 test drawing from the state after them (`few_shot.answer_queries`); its
 answer is averaged over `--orders` orders and labellings of the support. It
 needs a model of at least 20 classes and 21 steps. Humans err on 4.5% of the
-test drawings, Bayesian program learning on 3.3%.
+test drawings, Bayesian program learning on 3.3%. `--prototypes` scores the
+model's CNN alone, of any model: each test drawing takes the class of the
+training drawing nearest in the cosine of their features.
 
 The runs come from `OMNIGLOT_RUNS` (a copy of all_runs.zip), else from the
 Keras cache, where the first use downloads them from the data set's own
@@ -27,7 +29,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from few_shot import answer_queries  # noqa: E402
+from few_shot import answer_queries, prototype_similarities  # noqa: E402
 
 from learning_to_learn import load_trained_model  # noqa: E402
 from omniglot_dataset import RELEASE_URL, DataError, download, not_a_file, to_28x28  # noqa: E402
@@ -84,11 +86,22 @@ def errors_of_run(model, training, test, answers, orders, rng):
     return np.argmax(belief, axis=-1) != answers
 
 
+def prototype_errors_of_run(image_features, training, test, answers):
+    """Whether each test drawing of a run is answered wrongly by the training drawing whose `image_features` (the
+    model's CNN) are nearest to its own in cosine."""
+    features = image_features.predict(np.concatenate([training, test]).astype(np.float32) / 255, verbose=0)
+    shown = np.arange(WAYS)[None]
+    similarities = prototype_similarities(features, shown, shown, WAYS + shown, WAYS)[0]
+    return np.argmax(similarities, axis=-1) != answers
+
+
 def main(options):
     import keras
 
     model = load_trained_model(options.model)
-    if model.outputs[0].shape[-1] < WAYS or model.inputs[0].shape[1] < WAYS + 1:
+    if options.prototypes:
+        image_features = model.get_layer("image_features")
+    elif model.outputs[0].shape[-1] < WAYS or model.inputs[0].shape[1] < WAYS + 1:
         raise DataError(f"{options.model} is a model of {model.outputs[0].shape[-1]} classes and "
                         f"{model.inputs[0].shape[1]} steps; Lake's runs need {WAYS} classes and {WAYS + 1} steps")
     runs = read_runs(runs_zip())
@@ -96,13 +109,17 @@ def main(options):
     progress = keras.utils.Progbar(len(runs), unit_name="run")
     errors = {}
     for run, (training, test, answers) in runs.items():
-        errors[run] = errors_of_run(model, training, test, answers, options.orders, rng)
+        if options.prototypes:
+            errors[run] = prototype_errors_of_run(image_features, training, test, answers)
+        else:
+            errors[run] = errors_of_run(model, training, test, answers, options.orders, rng)
         progress.add(1)
     for run, wrong in errors.items():
         print(f"{run}: {100 * wrong.mean():.1f}% error")
     wrong = np.concatenate(list(errors.values()))
+    how = "the CNN's features alone" if options.prototypes else f"{options.orders} orders each"
     print(f"error over the {len(wrong)} test drawings of {len(errors)} runs: {100 * wrong.mean():.2f}% "
-          f"({options.orders} orders each; humans 4.5%, BPL 3.3%)")
+          f"({how}; humans 4.5%, BPL 3.3%)")
     return wrong.mean()
 
 
@@ -111,6 +128,7 @@ if __name__ == "__main__":
     options.add_argument("model", metavar="MODEL.keras", help="A model saved by learning_to_learn.py --save_model.")
     options.add_argument("--orders", default=10, type=int, help="Orders and labellings of each run's support.")
     options.add_argument("--seed", default=0, type=int, help="The seed of the orders.")
+    options.add_argument("--prototypes", action="store_true", help="Answer by the CNN's features alone.")
     arguments = options.parse_args()
     if arguments.orders < 1:
         options.error(f"argument --orders: invalid value {arguments.orders}: must be at least 1")

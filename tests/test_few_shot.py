@@ -108,3 +108,25 @@ def test_the_programs_model_is_causal_so_a_query_sees_only_the_support():
     before, after = model.predict_on_batch((images, previous)), model.predict_on_batch(later)
     np.testing.assert_allclose(after[:, :3], before[:, :3], atol=1e-6)
     assert not np.allclose(after[:, 3:], before[:, 3:], atol=1e-3)
+
+
+def test_prototypes_answer_with_the_class_whose_drawings_point_the_same_way():
+    # Features of four images: two of class 0 along x and y, one of class 1 along z; hand-computed cosines.
+    features = np.array([[1, 0, 0], [0, 1, 0], [0, 0, 2], [1, 1, 0.5]], np.float32)
+    support, support_labels = np.array([[0, 1, 2]]), np.array([[0, 0, 1]])
+    similarities = few_shot.prototype_similarities(features, support, support_labels, np.array([[3, 2]]), ways=2)
+    # Prototype 0: (x + y) / sqrt(2); prototype 1: z. Query 3, (1, 1, 0.5) / 1.5: cosines 2 / (1.5 sqrt(2)), 1 / 3.
+    np.testing.assert_allclose(similarities, [[[2 / (1.5 * np.sqrt(2)), 1 / 3], [0, 1]]], rtol=1e-6)
+
+
+def test_prototypes_of_features_that_name_the_character_score_every_query_and_blind_ones_chance():
+    dataset = noise_dataset()
+    support, support_labels, query, query_labels = few_shot.draw_tasks(dataset, ways=5, shots=2, queries=2,
+                                                                      count=200, seed=5)
+    characters = dataset.data["labels"]
+    named = np.eye(30, dtype=np.float32)[characters]  # a feature a character
+    right = np.argmax(few_shot.prototype_similarities(named, support, support_labels, query, 5), -1) == query_labels
+    assert right.all()
+    blind = np.ones([len(characters), 4], np.float32)  # every image alike: every prototype equally near
+    guesses = np.argmax(few_shot.prototype_similarities(blind, support, support_labels, query, 5), -1)
+    assert few_shot.accuracy_and_interval(guesses == query_labels)[0] == pytest.approx(np.mean(query_labels == 0))

@@ -11,6 +11,7 @@ import tensorflow as tf
 from test_few_shot import nearest_neighbour_model
 
 from conftest import ROOT, SHARED_OMNIGLOT
+from learning_to_learn import model_for_training, parse_args
 from omniglot_dataset import DataError, to_28x28
 
 sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
@@ -63,6 +64,16 @@ def test_a_model_that_matches_each_drawing_scores_by_the_runs_answers(wrong, err
     model = nearest_neighbour_model(steps=21, classes=25)  # more labels than classes: 20 of them at random
     for training, test, answers in lake.read_runs(tmp_path / "all_runs.zip").values():
         wrongs = lake.errors_of_run(model, training, test, answers, orders=3, rng=np.random.default_rng(0))
+        assert wrongs.shape == (20,) and wrongs.mean() == error
+
+
+@pytest.mark.parametrize("wrong, error", [(False, 0.0), (True, 1.0)])
+def test_the_cnn_alone_matches_each_test_drawing_to_its_very_training_drawing(wrong, error, tmp_path):
+    hand_made_runs(tmp_path / "all_runs.zip", wrong=wrong)
+    model = model_for_training(parse_args(["--classes=2", "--images_per_class=2", "--cnn_pooling",
+                                           "--cnn_filters=8,8,8,8"]))  # untrained: its features differ by drawing
+    for training, test, answers in lake.read_runs(tmp_path / "all_runs.zip").values():
+        wrongs = lake.prototype_errors_of_run(model.get_layer("image_features"), training, test, answers)
         assert wrongs.shape == (20,) and wrongs.mean() == error
 
 
