@@ -149,7 +149,7 @@ FIELD_ANCHORS = [
     ("humans; modified Hausdorff distance", "", "", "", "", "", "4.5; 38.8"),
 ]
 # The top-level README's runs, a row a recipe: the mean and range of those of its seeds that have run.
-DEFAULT_RUNS = ["default-5way", "default-5way-again"]  # one command, run twice
+DEFAULT_RUNS = ["default-5way", "default-5way-again", "default-5way-seed1", "default-5way-seed2"]  # 42 twice
 README_RECIPES = [DEFAULT_RUNS, ["default-2way"], BEST_SEEDS, ["feature-labels-best-15way"], TWENTY_WAY_SEEDS]
 CHART_RUNS = ["default-5way", "lstm-only-5way", "sharpness-5way", "best-5way", "feature-labels-best-5way",
               "pooled-cnn-best-5way-12epochs", BEST_RUN]
@@ -293,7 +293,8 @@ def tables(record):
     headline = ["| | val_acc | 1st | 2nd | 5th | 10th | training |", "| --- | --- | --- | --- | --- | --- | --- |"]
     for title, names in [("default flags", DEFAULT_RUNS), ("the best recipe", BEST_SEEDS)]:
         runs = [record[name] for name in names]
-        seeds = f", mean of {len(runs)} {'seeds' if len({run['seed'] for run in runs}) > 1 else 'runs'} (range)"
+        seeds = len({run["seed"] for run in runs})
+        seeds = f", mean of {len(runs)} {'runs, ' + str(seeds) + ' ' if seeds < len(runs) else ''}seeds (range)"
         walls = ", ".join(run["wall"] for run in runs)
         headline.append(f"| {title} (5-way, {runs[0]['epochs']} epochs{seeds}) | "
                         + " | ".join(mean_and_range([run[column] for run in runs])
