@@ -123,8 +123,8 @@ RUNS = {
                                        + ["--feature_match", "--feature_labels", "--epochs=32", "--seed=1"],
     "feature-labels-best-20way-seed2": ["--classes=20", "--images_per_class=6"] + BEST[1:-1]
                                        + ["--feature_match", "--feature_labels", "--epochs=32", "--seed=2"],
-    # ... with the few-shot CNN of the best 5-way recipe: 11 epochs, as many as an hour holds.
-    "pooled-cnn-best-20way": ["--classes=20", "--images_per_class=6"] + POOLED[1:] + ["--epochs=11"],
+    # ... with the few-shot CNN of the best 5-way recipe: 7 epochs, as many as an hour held on a slow day.
+    "pooled-cnn-best-20way": ["--classes=20", "--images_per_class=6"] + POOLED[1:] + ["--epochs=7"],
     # 15-way episodes (150 steps, 150 cells) on the best recipe, as many epochs as an hour holds.
     "best-15way": ["--classes=15"] + BEST[1:-1] + ["--epochs=15"],
     "feature-labels-best-15way": ["--classes=15"] + BEST[1:-1] + ["--feature_match", "--feature_labels", "--epochs=15"],
