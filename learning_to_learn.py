@@ -855,8 +855,21 @@ class Terminated(KeyboardInterrupt):
     """SIGTERM, raised where the program is, as Ctrl-C raises KeyboardInterrupt."""
 
 
-def terminate(signal_number, frame):
-    raise Terminated
+signals_received = []  # TensorFlow turns an exception raised inside its own calls into another: remember the cause
+
+
+def interrupt(signal_number, frame):
+    signals_received.append(signal_number)
+    raise Terminated if signal_number == signal.SIGTERM else KeyboardInterrupt
+
+
+def interruption_status(error):
+    """130 or 143 where `error` is an interruption, or the form TensorFlow gave one; None where it is not."""
+    if isinstance(error, KeyboardInterrupt):
+        return 143 if isinstance(error, Terminated) else 130
+    if signals_received and isinstance(error, Exception):
+        return 143 if signals_received[-1] == signal.SIGTERM else 130
+    return None
 
 
 class StopOnDivergence(keras.callbacks.Callback):
@@ -1037,15 +1050,16 @@ def told_what_is_kept(checkpoint, model_path=None):
 
     try:
         yield
-    except KeyboardInterrupt as interruption:
-        status = 143 if isinstance(interruption, Terminated) else 130
-        if checkpoint and (epochs := checkpoint.epochs_on_disk()):
-            raise RunEnded(f"interrupted after epoch {epochs}; run the same command to resume", status) from None
-        raise RunEnded(f"interrupted; {kept()}", status) from None
     except RunEnded as ended:
         raise RunEnded(f"{ended}; {kept()}", ended.status) from None
     except (MemoryError, tf.errors.ResourceExhaustedError):  # more than memory_needed's lower bound
         raise RunEnded(f"training ran out of memory: a smaller --batch_size or model needs less; {kept()}") from None
+    except BaseException as error:
+        if (status := interruption_status(error)) is None:
+            raise
+        if checkpoint and (epochs := checkpoint.epochs_on_disk()):
+            raise RunEnded(f"interrupted after epoch {epochs}; run the same command to resume", status) from None
+        raise RunEnded(f"interrupted; {kept()}", status) from None
 
 
 def save_without_optimizer_state(model, path):
@@ -1314,13 +1328,15 @@ class MemoryAugmentedRNN(keras.layers.RNN):
 
 
 if __name__ == "__main__":
-    signal.signal(signal.SIGINT, signal.default_int_handler)  # from here on an interruption is an exception
-    signal.signal(signal.SIGTERM, terminate)
+    signal.signal(signal.SIGINT, interrupt)  # from here on an interruption is an exception
+    signal.signal(signal.SIGTERM, interrupt)
     try:
         main(parse_args())
     except DataError as error:
         parser.exit(2, f"{parser.prog}: error: {error}\n")
     except RunEnded as ended:
         parser.exit(ended.status, f"{parser.prog}: {ended}\n")
-    except KeyboardInterrupt as interruption:
-        parser.exit(143 if isinstance(interruption, Terminated) else 130, f"{parser.prog}: interrupted\n")
+    except BaseException as error:
+        if (status := interruption_status(error)) is None:
+            raise
+        parser.exit(status, f"{parser.prog}: interrupted\n")

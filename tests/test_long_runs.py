@@ -24,6 +24,7 @@ from learning_to_learn import (
     StopOnDivergence,
     Terminated,
     differing_flags,
+    interrupt,
     model_for_training,
     parse_args,
     parser,
@@ -453,6 +454,20 @@ def test_a_signal_while_a_checkpoint_moves_into_place_ends_as_an_interruption(in
     assert ended.value.status == status
     assert sorted(os.listdir(tmp_path)) == ["checkpoint.npz", "lock"]
     assert int(np.load(tmp_path / "checkpoint.npz")["epochs"]) == 1
+
+
+@pytest.mark.parametrize("sent, status", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_an_interruption_that_tensorflow_turned_into_another_error_still_ends_as_one(sent, status, monkeypatch):
+    # Raised inside TensorFlow's C++ calls, KeyboardInterrupt comes out as a SystemError or ValueError.
+    monkeypatch.setattr("learning_to_learn.signals_received", [])
+    with pytest.raises(ValueError, match="^not an interruption$"), told_what_is_kept(None):
+        raise ValueError("not an interruption")
+    with pytest.raises(RunEnded, match="^interrupted; nothing was saved$") as ended, told_what_is_kept(None):
+        try:
+            interrupt(sent, None)
+        except KeyboardInterrupt:
+            raise ValueError("Could not pack sequence.") from None
+    assert ended.value.status == status
 
 
 def test_a_signal_while_the_model_moves_into_place_says_it_is_saved(tmp_path, monkeypatch):

@@ -163,7 +163,10 @@ def test_fused_layer_matches_numpy_and_the_cell_loops_automatic_gradients(read_h
     fused = tf.function(lambda: outputs_and_gradients(MemoryAugmentedRNN), jit_compile=jit_compile)()
     assert len(automatic[1]) == 5 + 7  # inputs, 4 states, 3 + 2 + 2 weights
     for expected, actual in zip(tf.nest.flatten(automatic), tf.nest.flatten(fused), strict=True):
-        np.testing.assert_allclose(actual, expected, rtol=1e-4, atol=1e-5)
+        # Within 1e-5 of the array's largest entry: through an empty memory's floored norms gradients reach 1e5,
+        # and float32 sums of such terms lose the small entries' last digits, in either order of summing.
+        scale = max(1.0, float(np.abs(expected).max(initial=0)))
+        np.testing.assert_allclose(actual, expected, rtol=1e-4, atol=1e-5 * scale)
     # The forward pass against the numpy reference too, which shares no code with the cell.
     memory_cells_now = initial_state[3].reshape(batch, memory_cells, cell_size)
     reference = numpy_recurrence(cell, inputs, *initial_state[:3], memory_cells_now)
