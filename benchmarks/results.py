@@ -109,6 +109,7 @@ RUNS = {
     # The same command as seed 2's, on another machine of the same name and vector width, its model saved for
     # the field's tasks: the kernels there add in another order.
     "first-weight-best-5way-seed2-again": POOLED + ["--epochs=12", "--first_occurrence_weight=1.75", "--seed=2"],
+    "first-weight-best-5way-seed1-again": POOLED + ["--epochs=12", "--first_occurrence_weight=1.75", "--seed=1"],
     # ... without the best match of the features: does the vote need it?
     "no-feature-match-best-5way": [flag for flag in POOLED if flag != "--feature_match"]
                                   + ["--epochs=12", "--first_occurrence_weight=1.75"],
@@ -125,6 +126,8 @@ RUNS = {
                                        + ["--feature_match", "--feature_labels", "--epochs=32", "--seed=2"],
     # ... with the few-shot CNN of the best 5-way recipe: 7 epochs, as many as an hour held on a slow day.
     "pooled-cnn-best-20way": ["--classes=20", "--images_per_class=6"] + POOLED[1:] + ["--epochs=7"],
+    "pooled-cnn-best-20way-seed1": ["--classes=20", "--images_per_class=6"] + POOLED[1:] + ["--epochs=7", "--seed=1"],
+    "pooled-cnn-best-20way-seed2": ["--classes=20", "--images_per_class=6"] + POOLED[1:] + ["--epochs=7", "--seed=2"],
     # 15-way episodes (150 steps, 150 cells) on the best recipe, as many epochs as an hour holds.
     "best-15way": ["--classes=15"] + BEST[1:-1] + ["--epochs=15"],
     "feature-labels-best-15way": ["--classes=15"] + BEST[1:-1] + ["--feature_match", "--feature_labels", "--epochs=15"],
@@ -133,12 +136,16 @@ RUNS = {
                                                                 "--first_occurrence_weight=1.75"],
 }
 BEST_RUN = "first-weight-best-5way"  # the headline's best recipe
-BEST_SEEDS = [BEST_RUN, f"{BEST_RUN}-seed1", f"{BEST_RUN}-seed2", f"{BEST_RUN}-seed2-again"]  # the headline's
-TWENTY_WAY_SEEDS = ["feature-labels-best-20way", "feature-labels-best-20way-seed1", "feature-labels-best-20way-seed2"]
+BEST_SEEDS = [BEST_RUN, f"{BEST_RUN}-seed1", f"{BEST_RUN}-seed2", f"{BEST_RUN}-seed2-again",
+              f"{BEST_RUN}-seed1-again"]  # the headline's
+TWENTY_WAY_SEEDS = ["pooled-cnn-best-20way", "pooled-cnn-best-20way-seed1", "pooled-cnn-best-20way-seed2"]
+ASSIGNMENT_CNN_20WAY_SEEDS = ["feature-labels-best-20way", "feature-labels-best-20way-seed1",
+                              "feature-labels-best-20way-seed2"]
 # The recipes on the field's benchmarks: (what the table calls it, its runs, one a seed). The figures of a run's
 # model are the logs of `few_shot.py` (few-shot-RUN-Kshot.log) and `lake_oneshot.py` (lake-oneshot-RUN.log).
-FIELD_RECIPES = [("the best 5-way recipe", [BEST_RUN, f"{BEST_RUN}-seed2-again"]),
-                 ("the 20-way recipe", TWENTY_WAY_SEEDS)]
+FIELD_RECIPES = [("the best 5-way recipe", [BEST_RUN, f"{BEST_RUN}-seed2-again", f"{BEST_RUN}-seed1-again"]),
+                 ("the 20-way recipe", TWENTY_WAY_SEEDS),
+                 ("the 20-way recipe, the assignment's CNN", ASSIGNMENT_CNN_20WAY_SEEDS)]
 # (system, training data, 5-way 1-shot, 5-shot, 20-way 1-shot, 5-shot, Lake's runs' error), as published.
 FIELD_ANCHORS = [
     ("Kaiser et al. 2017, memory module", "the same", "98.4", "99.6", "95.0", "98.6", ""),
@@ -198,8 +205,14 @@ EFFECTS = [
     ("`--seed=2`", "first-weight-best-5way", "first-weight-best-5way-seed2", ""),
     ("the same command on another machine", "first-weight-best-5way-seed2", "first-weight-best-5way-seed2-again",
      ""),
+    ("the same command on another machine", "first-weight-best-5way-seed1", "first-weight-best-5way-seed1-again",
+     ""),
     ("`--seed=1`, 20-way", "feature-labels-best-20way", "feature-labels-best-20way-seed1", ""),
     ("`--seed=2`, 20-way", "feature-labels-best-20way", "feature-labels-best-20way-seed2", ""),
+    ("`--cnn_pooling --cnn_filters=32,32,32,32`, 20-way, 7 epochs", "feature-labels-best-20way",
+     "pooled-cnn-best-20way", "the 20-way recipe"),
+    ("`--seed=1`, the 20-way recipe", "pooled-cnn-best-20way", "pooled-cnn-best-20way-seed1", ""),
+    ("`--seed=2`, the 20-way recipe", "pooled-cnn-best-20way", "pooled-cnn-best-20way-seed2", ""),
 ]
 # Flags that change no figure: what they do is tested, not measured.
 TOOLS = ["--checkpoint_dir", "--save_model", "--logdir", "--evaluate", "--threads"]
@@ -291,7 +304,7 @@ def tables(record):
     occurrence_columns = [f"val_acc{nth}" for nth in OCCURRENCES]
     headline = ["| | val_acc | 1st | 2nd | 5th | 10th | training |", "| --- | --- | --- | --- | --- | --- | --- |"]
     for title, names in [("default flags", DEFAULT_RUNS), ("the best recipe", BEST_SEEDS)]:
-        runs = [record[name] for name in names]
+        runs = [record[name] for name in names if name in record]  # those that have run
         seeds = len({run["seed"] for run in runs})
         seeds = f", mean of {len(runs)} {'runs, ' + str(seeds) + ' ' if seeds < len(runs) else ''}seeds (range)"
         walls = ", ".join(run["wall"] for run in runs)
@@ -305,6 +318,8 @@ def tables(record):
     effects = ["| change | run without | run with | 1st | 2nd | 5th | 10th | became |",
                "| --- | --- | --- | --- | --- | --- | --- | --- |"]
     for change, before, after, verdict in EFFECTS:
+        if after not in record:  # still to run
+            continue
         effects.append(f"| {change} | {before} | {after} | "
                        + " | ".join(difference(record[before][column], record[after][column])
                                     for column in occurrence_columns) + f" | {verdict} |")
