@@ -539,6 +539,19 @@ class EarlierLabelVote(keras.layers.Layer):
         return config
 
 
+def cell_inputs(features, previous_labels, classes, feature_match=False, vote=None):
+    """The memory cell's input at each step of episodes of image `features` `[episodes, steps, features]` and
+    `previous_labels` `[episodes, steps]`: the features, the one-hot previous label (all zeros for -1), with
+    `feature_match` the best earlier match, with an `EarlierLabelVote` its vote. A step's input depends on
+    its own step and earlier ones alone."""
+    inputs = ops.concatenate([features, ops.one_hot(previous_labels, classes)], axis=-1)
+    if feature_match:
+        inputs = ops.concatenate([inputs, best_earlier_match(features)], axis=-1)
+    if vote is not None:
+        inputs = ops.concatenate([inputs, vote(features, previous_labels)], axis=-1)
+    return inputs
+
+
 def build_model(classes, images_per_class, cnn_filters=(8, 16, 32), cnn_pooling=False, lstm_dim=256, cell_size=40,
                 read_heads=1, read_sharpness=1.0, feature_match=False, feature_labels=False, fused=True):
     """The model of episodes of `classes` x `images_per_class` steps, not compiled: CNN, memory cell, softmax at
@@ -554,12 +567,8 @@ def build_model(classes, images_per_class, cnn_filters=(8, 16, 32), cnn_pooling=
     cnn = image_features(cnn_filters, cnn_pooling)
     features = cnn(ops.reshape(images, (-1, Omniglot.H, Omniglot.W, Omniglot.C)))
     features = ops.reshape(features, (-1, steps, features.shape[-1]))
-    inputs = ops.concatenate([features, ops.one_hot(labels, classes)], axis=-1)  # label -1: all zeros
-    if feature_match:
-        inputs = ops.concatenate([inputs, best_earlier_match(features)], axis=-1)
-    if feature_labels:
-        vote = EarlierLabelVote(classes, name="earlier_label_vote")
-        inputs = ops.concatenate([inputs, vote(features, labels)], axis=-1)
+    vote = EarlierLabelVote(classes, name="earlier_label_vote") if feature_labels else None
+    inputs = cell_inputs(features, labels, classes, feature_match, vote)
 
     cell = MemoryAugmentedLSTM(lstm_dim, memory_cells=steps, cell_size=cell_size, read_heads=read_heads,
                                read_sharpness=read_sharpness)

@@ -8,9 +8,11 @@ classes), gives each a random label, and shows the model K drawings of each
 (the support, shuffled, each label one step after its drawing, as training
 shows them); then a query, another drawing of one of the N, whose answer is
 the model's most probable label at the query's step. Each query is answered
-from the state after the support alone: every query is its own sequence, the
-support then the query, and the model, being causal, does not see the blank
-steps after it. Tasks are drawn by `--seed`, the same for every model;
+from the state after the support alone, never after another query: the
+support runs once a task, and each query is one step from the state it
+leaves (any other causal model gets each query as an episode of its own,
+padded with blank steps it cannot see). Tasks are drawn by `--seed`, the
+same for every model;
 accuracy is over all queries, its 95% confidence interval over tasks.
 `--within_alphabet` takes each task's characters from one alphabet, as Lake's
 runs do: the harder tasks of a 4-layer siamese net's 90.5% (5-way 1-shot).
@@ -22,13 +24,15 @@ prototypical networks do, by cosine). It tells what the features can tell
 apart, at any number of `--ways`.
 """
 import argparse
+import functools
 import os
 import sys
 
 import numpy as np
+from keras import ops
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from learning_to_learn import EpisodeGenerator, load_trained_model  # noqa: E402
+from learning_to_learn import EarlierLabelVote, EpisodeGenerator, MemoryAugmentedLSTM, cell_inputs, load_trained_model  # noqa: E402
 from omniglot_dataset import DataError, Omniglot  # noqa: E402
 
 
@@ -52,30 +56,61 @@ def answer_queries(model, images, support, support_labels, query, batch_size=64,
     support alone.
 
     `images` `[N, H, W, C]`; `support`, `support_labels` `[tasks, shown]`, `query` `[tasks, queries]`: image
-    indices and labels. Each query is a sequence of its own: the support, its labels one step later, then the
-    query, which gets the last support label as every step gets the one before it, then blank steps with no
-    label up to the model's length. `progress` (a `keras.utils.Progbar`) counts the queries answered.
+    indices and labels. Each query is answered as the last step of an episode of its own: the support, its
+    labels one step later, then the query, which gets the last support label as every step gets the one
+    before it. `batch_size` counts tasks; `progress` (a `keras.utils.Progbar`) counts the queries answered.
     """
     steps, shown = model.inputs[0].shape[1], support.shape[1]
     if shown + 1 > steps:
         raise DataError(f"a support of {shown} drawings and a query need {shown + 1} steps; the model's episodes "
                         f"have {steps}")
     tasks, queries = query.shape
-    blank = np.zeros((1, *images.shape[1:]), images.dtype)
-    images = np.concatenate([images, blank])  # index -1: the blank image after the query
-    sequence = np.full((tasks, queries, steps), -1)
-    sequence[..., :shown] = support[:, None]
-    sequence[..., shown] = query
-    previous = np.full((tasks, queries, steps), -1, np.int32)
-    previous[..., 1:shown + 1] = support_labels[:, None]
-    sequence, previous = sequence.reshape(-1, steps), previous.reshape(-1, steps)
+    episodes = np.concatenate([np.repeat(support, queries, axis=0), query.reshape(-1, 1)], axis=1)  # task-major
+    previous = np.full(episodes.shape, -1, np.int32)
+    previous[:, 1:] = np.repeat(support_labels, queries, axis=0)
+    if is_programs_model(model):
+        features = model.get_layer("image_features").predict(images, batch_size=512, verbose=0)
+        answer = functools.partial(answer_from_support_state, model, features)
+    else:
+        answer = functools.partial(answer_last_steps, model, images)
     answers = []
-    for start in range(0, len(sequence), batch_size):
-        batch = slice(start, start + batch_size)
-        answers.append(model.predict_on_batch((images[sequence[batch]], previous[batch]))[:, shown])
+    for start in range(0, tasks * queries, batch_size * queries):
+        batch = slice(start, start + batch_size * queries)
+        answers.append(answer(episodes[batch], previous[batch], queries))
         if progress:
             progress.add(len(answers[-1]))
     return np.concatenate(answers).reshape(tasks, queries, -1)
+
+
+def is_programs_model(model):
+    return any(isinstance(getattr(layer, "cell", None), MemoryAugmentedLSTM) for layer in model.layers)
+
+
+def answer_last_steps(model, images, episodes, previous, queries):
+    """Any causal model, of `images` `[N, H, W, C]`: each episode padded with blank steps, with no label, to the
+    model's length, then the model's answer at its last real step."""
+    steps, shown = model.inputs[0].shape[1], episodes.shape[1] - 1
+    blank = np.zeros((len(episodes), steps - shown - 1, *images.shape[1:]), images.dtype)
+    padding = np.full((len(episodes), steps - shown - 1), -1, np.int32)
+    return model.predict_on_batch((np.concatenate([images[episodes], blank], axis=1),
+                                   np.concatenate([previous, padding], axis=1)))[:, shown]
+
+
+def answer_from_support_state(model, features, episodes, previous, queries):
+    """A model of learning_to_learn.py, of images of CNN `features` `[N, features]`: as `answer_last_steps`
+    answers, but faster, for the support's steps, the same in every query's episode, run once a task; each
+    query is one step of the cell from the state after them."""
+    recurrence = next(layer for layer in model.layers if isinstance(getattr(layer, "cell", None), MemoryAugmentedLSTM))
+    vote = next((layer for layer in model.layers if isinstance(layer, EarlierLabelVote)), None)
+    cell, classes, shown = recurrence.cell, model.outputs[0].shape[-1], episodes.shape[1] - 1
+    features = features[episodes]
+    # The model keeps no flags: of the cell's input, what the features, the labels and the vote leave is the
+    # best earlier match's one column.
+    feature_match = cell.input_size > features.shape[-1] + classes * (2 if vote else 1)
+    inputs = cell_inputs(features, previous, classes, feature_match, vote)
+    _, *state = type(recurrence)(cell, return_state=True)(inputs[::queries, :shown])  # each task's first episode
+    output, _ = cell(inputs[:, shown], [ops.repeat(part, queries, axis=0) for part in state])
+    return ops.convert_to_numpy(model.layers[-1](output))
 
 
 def prototype_similarities(features, support, support_labels, query, ways):

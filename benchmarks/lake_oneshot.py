@@ -76,13 +76,13 @@ def errors_of_run(model, training, test, answers, orders, rng):
     orders and labellings of the training drawings."""
     images = np.concatenate([training, test]).astype(np.float32) / 255
     classes = model.outputs[0].shape[-1]
-    belief = np.zeros((WAYS, WAYS))  # [test drawing, training drawing]
-    for _ in range(orders):
-        order = rng.permutation(WAYS)  # the support's order of the training drawings
-        labels = rng.permutation(classes)[:WAYS]  # training drawing i's label
-        probabilities = answer_queries(model, images, order[None], labels[order][None],
-                                       np.arange(WAYS, 2 * WAYS)[None])[0]
-        belief += probabilities[:, labels]  # each label's probability, given to its training drawing
+    # Each order's support of training drawings, and training drawing i's label in it.
+    draws = [(rng.permutation(WAYS), rng.permutation(classes)[:WAYS]) for _ in range(orders)]
+    order, labels = (np.stack(drawn) for drawn in zip(*draws, strict=True))
+    probabilities = answer_queries(model, images, order, np.take_along_axis(labels, order, axis=1),
+                                   np.tile(np.arange(WAYS, 2 * WAYS), (orders, 1)))
+    # [test drawing, training drawing]: each label's probability, given to its training drawing, over the orders
+    belief = np.take_along_axis(probabilities, labels[:, None, :], axis=2).sum(axis=0)
     return np.argmax(belief, axis=-1) != answers
 
 

@@ -110,6 +110,25 @@ def test_the_programs_model_is_causal_so_a_query_sees_only_the_support():
     assert not np.allclose(after[:, 3:], before[:, 3:], atol=1e-3)
 
 
+@pytest.mark.parametrize("flags", [[], ["--read_heads=2", "--feature_match", "--feature_labels"]])
+def test_the_programs_model_answers_from_its_support_state_as_from_a_whole_episode(flags):
+    model = model_for_training(parse_args(["--classes=3", "--images_per_class=4", "--lstm_dim=8", "--cell_size=4",
+                                           *flags]))
+    assert few_shot.is_programs_model(model)
+    dataset = noise_dataset()
+    support, support_labels, query, _ = few_shot.draw_tasks(dataset, ways=3, shots=2, queries=1, count=5, seed=6)
+    queries = query.shape[1]
+    episodes = np.concatenate([np.repeat(support, queries, axis=0), query.reshape(-1, 1)], axis=1)
+    previous = np.full(episodes.shape, -1, np.int32)
+    previous[:, 1:] = np.repeat(support_labels, queries, axis=0)
+    images = dataset.data["images"]
+    whole = few_shot.answer_last_steps(model, images, episodes, previous, queries)
+    features = model.get_layer("image_features").predict(images, verbose=0)
+    from_state = few_shot.answer_from_support_state(model, features, episodes, previous, queries)
+    np.testing.assert_allclose(from_state, whole, atol=1e-5)
+    assert not np.allclose(whole[0], whole[1], atol=1e-3)  # the queries' answers differ: each its own
+
+
 def test_prototypes_answer_with_the_class_whose_drawings_point_the_same_way():
     # Features of four images: two of class 0 along x and y, one of class 1 along z; hand-computed cosines.
     features = np.array([[1, 0, 0], [0, 1, 0], [0, 0, 2], [1, 1, 0.5]], np.float32)
