@@ -128,6 +128,9 @@ RUNS = {
     "pooled-cnn-best-20way": ["--classes=20", "--images_per_class=6"] + POOLED[1:] + ["--epochs=7"],
     "pooled-cnn-best-20way-seed1": ["--classes=20", "--images_per_class=6"] + POOLED[1:] + ["--epochs=7", "--seed=1"],
     "pooled-cnn-best-20way-seed2": ["--classes=20", "--images_per_class=6"] + POOLED[1:] + ["--epochs=7", "--seed=2"],
+    # ... its episodes of one alphabet each, as Lake's runs are (26 of the 30 background alphabets have 20 characters).
+    "within-alphabet-pooled-cnn-best-20way": ["--classes=20", "--images_per_class=6"] + POOLED[1:]
+                                             + ["--epochs=7", "--within_alphabet"],
     # 15-way episodes (150 steps, 150 cells) on the best recipe, as many epochs as an hour holds.
     "best-15way": ["--classes=15"] + BEST[1:-1] + ["--epochs=15"],
     "feature-labels-best-15way": ["--classes=15"] + BEST[1:-1] + ["--feature_match", "--feature_labels", "--epochs=15"],
