@@ -54,7 +54,7 @@ def read_runs(path):
         archive = zipfile.ZipFile(path)
     except (OSError, zipfile.BadZipFile) as error:
         raise DataError(f"cannot read {path} as all_runs.zip ({error})") from None
-    runs = {}
+    names, answers = {}, {}  # of each run: its training then test drawings' files; its answers
     with archive:
         for labels in sorted(name for name in archive.namelist() if name.endswith("class_labels.txt")):
             run = labels.split("/")[0]
@@ -63,12 +63,12 @@ def read_runs(path):
             if len(pairs) != WAYS or len(trainings) != WAYS:
                 raise DataError(f"{path}: {labels} pairs {len(pairs)} test drawings with {len(trainings)} training "
                                 f"drawings; expected {WAYS} and {WAYS}")
-            answers = np.array([trainings.index(training) for _, training in pairs])
-            images = to_28x28([archive.read(name) for name in trainings + tests])
-            runs[run] = images[:WAYS], images[WAYS:], answers
-    if not runs:
-        raise DataError(f"{path} holds no run (no runNN/class_labels.txt)")
-    return runs
+            names[run], answers[run] = trainings + tests, np.array([trainings.index(training) for _, training in pairs])
+        if not names:
+            raise DataError(f"{path} holds no run (no runNN/class_labels.txt)")
+        images = to_28x28([archive.read(name) for run in names for name in names[run]]).reshape(len(names), 2, WAYS,
+                                                                                               28, 28, 1)
+    return {run: (training, test, answers[run]) for run, (training, test) in zip(names, images, strict=True)}
 
 
 def errors_of_run(model, training, test, answers, orders, rng):
