@@ -10,9 +10,10 @@ import sys
 import zipfile
 
 import h5py
+import numpy as np
 import pytest
 
-from conftest import ROOT, run_program
+from conftest import ROOT, SHARED_OMNIGLOT, run_program
 from learning_to_learn import metric_names
 from omniglot_dataset import write_atomically
 
@@ -136,6 +137,32 @@ def test_the_best_recipes_model_ships_and_evaluates_to_its_runs_last_epoch(omnig
 @pytest.mark.parametrize("path", SHIPPED_MODELS, ids=os.path.basename)
 def test_each_shipped_model_evaluates_to_its_runs_last_epoch(omniglot_npz, path):
     assert_evaluates_to_its_runs_last_epoch(omniglot_npz, path)
+
+
+def shipped_models_commands():
+    """(command, the lines it printed) of each command shown in benchmarks/models/README.md."""
+    text = open(os.path.join(ROOT, "benchmarks", "models", "README.md")).read()
+    shown = "\n".join(re.findall(r"^```\n(.*?)^```", text, re.MULTILINE | re.DOTALL))
+    return [(command.split("#")[0].split(), printed.splitlines())
+            for command, printed in re.findall(r"^\$ python3 (.*)\n((?:[^$\n].*\n)*)", shown, re.MULTILINE)]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("command, printed", shipped_models_commands(), ids=lambda value: " ".join(value)[:80])
+def test_each_shipped_models_command_prints_what_its_readme_shows(omniglot_npz, command, printed):
+    result = subprocess.run([sys.executable, *command], cwd=ROOT, capture_output=True, text=True, timeout=600,
+                            env={**os.environ, "OMNIGLOT_DATA": str(omniglot_npz),
+                                 "OMNIGLOT_RUNS": os.path.join(SHARED_OMNIGLOT, "all_runs.zip")})
+    assert result.returncode == 0, result.stderr[-3000:]
+    # Of each line, what a terminal would show last, less the progress bars.
+    lines = [line.split("\r")[-1] for line in re.sub(r"\x1b\[[0-9;]*m|.\x08", "", result.stdout).splitlines()]
+    lines = [line for line in lines if line and not re.match(r"\s*\d+/\d+ ", line)]
+    assert [re.sub(r"\d+\.\d+", "#", line) for line in lines] == [re.sub(r"\d+\.\d+", "#", line) for line in printed]
+    # Another CPU adds in another order: a few answers of thousands may flip (a Lake run's one of 20: 5 points).
+    for line, shown in zip(lines, printed, strict=True):
+        tolerance = 5.0 if line.startswith("run") else 0.3 if "%" in line else 0.003
+        found, expected = (np.array(re.findall(r"\d+\.\d+", text), float) for text in (line, shown))
+        np.testing.assert_allclose(found, expected, atol=tolerance, err_msg=line)
 
 
 def assert_evaluates_to_its_runs_last_epoch(omniglot_npz, path):
