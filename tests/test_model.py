@@ -8,6 +8,7 @@ import pytest
 import tensorflow as tf
 
 from learning_to_learn import (
+    FusedBatchNormalization,
     MemoryAugmentedRNN,
     model_for_training,
     parse_args,
@@ -64,6 +65,42 @@ def test_cnn_pooling_convolves_keeping_the_size_then_normalizes_rectifies_and_ma
     # Four blocks take 28 pixels to 14, 7, 3 and 1: as many features as the last block's filters.
     four_blocks = model_for_training(parse_args([*TINY, "--cnn_pooling", "--cnn_filters=4,4,4,6"]))
     assert four_blocks.get_layer("image_features").output.shape[-1] == 6
+
+
+def test_fused_batch_normalization_in_training_is_keras_normalization_by_the_batchs_statistics():
+    rng = np.random.default_rng(1)
+    images = tf.constant(rng.normal(2, 3, [16, 14, 14, 5]).astype(np.float32))
+    weights = rng.normal(size=images.shape).astype(np.float32)
+    fused, plain = FusedBatchNormalization(), keras.layers.BatchNormalization()
+    for layer in (fused, plain):
+        layer.build(images.shape)
+        layer.gamma.assign(np.linspace(0.5, 2, 5)), layer.beta.assign(np.linspace(-1, 1, 5))
+        layer.moving_mean.assign(np.full(5, 0.5)), layer.moving_variance.assign(np.full(5, 2.0))
+    outputs, gradients = [], []
+    for layer in (fused, plain):
+        with tf.GradientTape() as tape:
+            tape.watch(images)
+            output = layer(images, training=True)
+            loss = tf.reduce_sum(output * weights)  # a per-channel weight would give images no gradient
+        outputs.append(output.numpy())
+        gradients.append(tape.gradient(loss, [images, layer.gamma, layer.beta]))
+    # By the batch's mean and biased variance, as numpy has them; the moving ones move 1% of the way to them.
+    mean, variance = images.numpy().mean(axis=(0, 1, 2)), images.numpy().var(axis=(0, 1, 2))
+    expected = (images.numpy() - mean) / np.sqrt(variance + 1e-3) * np.linspace(0.5, 2, 5) + np.linspace(-1, 1, 5)
+    np.testing.assert_allclose(outputs[0], expected, atol=1e-5)
+    np.testing.assert_allclose(fused.moving_mean.numpy(), 0.99 * 0.5 + 0.01 * mean, rtol=1e-6)
+    np.testing.assert_allclose(fused.moving_variance.numpy(), 0.99 * 2.0 + 0.01 * variance, rtol=1e-6)
+    for ours, keras_ones in zip(*gradients, strict=True):  # Keras's own, by automatic differentiation
+        np.testing.assert_allclose(ours.numpy(), keras_ones.numpy(), atol=1e-5 * np.abs(keras_ones.numpy()).max())
+    # Out of training, Keras's layer as it is: by the moving statistics.
+    fused.moving_mean.assign(plain.moving_mean), fused.moving_variance.assign(plain.moving_variance)
+    np.testing.assert_array_equal(fused(images, training=False).numpy(), plain(images, training=False).numpy())
+
+
+def test_only_the_few_shot_cnn_normalizes_fused_so_the_assignments_graded_lines_keep_their_bits():
+    layers = {flags: type(model_for_training(parse_args([*TINY, *flags])).get_layer("image_features").layers[1])
+              for flags in [(), ("--cnn_pooling",)]}
+    assert layers == {(): keras.layers.BatchNormalization, ("--cnn_pooling",): FusedBatchNormalization}
 
 
 def test_feature_match_gives_each_step_its_best_cosine_with_the_earlier_images_features():
