@@ -338,11 +338,6 @@ def reported_occurrences(images_per_class):
     return [nth for nth in OCCURRENCES if nth <= images_per_class]
 
 
-def metric_names(images_per_class):
-    """The metrics that training reports, in the order of the graded lines (each also with `val_` before it)."""
-    return ["loss", "acc"] + [f"acc{nth}" for nth in reported_occurrences(images_per_class)]
-
-
 # The memory cell
 
 EPSILON = keras.config.epsilon()  # the floor of ops.normalize on a norm
@@ -469,25 +464,6 @@ class MemoryAugmentedLSTM(keras.layers.Layer):
 
 # The model
 
-@keras.saving.register_keras_serializable(package="learning_to_learn")
-class FusedBatchNormalization(keras.layers.BatchNormalization):
-    """Keras's batch normalisation, of images in training through TensorFlow's fused kernel: one pass over the
-    activations forward and one back, where Keras's separate ops make several, over the few-shot CNN's largest
-    tensors. The same function and moving statistics, to float rounding."""
-
-    def call(self, inputs, training=None, mask=None):
-        if not (training and self.trainable) or mask is not None or len(inputs.shape) != 4:
-            return super().call(inputs, training=training, mask=mask)
-        outputs, mean, variance = tf.compat.v1.nn.fused_batch_norm(inputs, self.gamma, self.beta,
-                                                                   epsilon=self.epsilon, is_training=True)
-        # The kernel's variance is the unbiased one; Keras's moving variance follows the biased one.
-        values = ops.cast(ops.size(inputs) // ops.shape(inputs)[-1], variance.dtype)
-        variance = variance * (values - 1) / values
-        self.moving_mean.assign(self.moving_mean * self.momentum + mean * (1.0 - self.momentum))
-        self.moving_variance.assign(self.moving_variance * self.momentum + variance * (1.0 - self.momentum))
-        return outputs
-
-
 def image_features(conv_filters, pooling=False):
     """The CNN applied to every image on its own: `[images, H, W, C]` -> `[images, features]`.
 
@@ -562,10 +538,9 @@ class EarlierLabelVote(keras.layers.Layer):
 
 
 def cell_inputs(features, previous_labels, classes, feature_match=False, vote=None):
-    """The memory cell's input at each step of episodes of image `features` `[episodes, steps, features]` and
-    `previous_labels` `[episodes, steps]`: the features, the one-hot previous label (all zeros for -1), with
-    `feature_match` the best earlier match, with an `EarlierLabelVote` its vote. A step's input depends on
-    its own step and earlier ones alone."""
+    """The cell's input at each step of episodes of image `features` `[episodes, steps, features]` and their
+    `previous_labels`: the features, the one-hot previous label (zeros for -1), with `feature_match` the best
+    earlier match, with an `EarlierLabelVote` its vote. A step's input depends on it and earlier steps alone."""
     inputs = ops.concatenate([features, ops.one_hot(previous_labels, classes)], axis=-1)
     if feature_match:
         inputs = ops.concatenate([inputs, best_earlier_match(features)], axis=-1)
@@ -619,15 +594,12 @@ def model_for_training(args, fused=True):
         # A function of the optimizer's step count, which checkpoints keep: a resumed run goes on along the curve.
         learning_rate = keras.optimizers.schedules.CosineDecay(
             learning_rate, decay_steps=args.epochs * steps_per_epoch(args.train_episodes, args.batch_size))
-    model.compile(
-        optimizer=keras.optimizers.Adam(learning_rate),
-        loss=keras.losses.SparseCategoricalCrossentropy(),
-        metrics=[keras.metrics.SparseCategoricalAccuracy(name="acc"),
-                 *[NthOccurrenceAccuracy(nth) for nth in reported_occurrences(args.images_per_class)]],
-        # XLA compiles the recurrence's loops alone (MemoryAugmentedRNN): the CNN's convolutions run faster
-        # in TensorFlow's own CPU kernels than in XLA's.
-        jit_compile=False,
-    )
+    model.compile(optimizer=keras.optimizers.Adam(learning_rate), loss=keras.losses.SparseCategoricalCrossentropy(),
+                  metrics=[keras.metrics.SparseCategoricalAccuracy(name="acc"),
+                           *[NthOccurrenceAccuracy(nth) for nth in reported_occurrences(args.images_per_class)]],
+                  # XLA compiles the recurrence's loops alone (MemoryAugmentedRNN): the CNN's convolutions run
+                  # faster in TensorFlow's own CPU kernels than in XLA's.
+                  jit_compile=False)
     return model
 
 
@@ -1132,6 +1104,11 @@ def load_trained_model(path, classes=None, images_per_class=None):
 # `--recodex` prints one line of every metric an epoch, in the order a grader compares; `--evaluate` one
 # line of the same.
 
+def metric_names(images_per_class):
+    """The metrics that training reports, in the order of the graded lines (each also with `val_` before it)."""
+    return ["loss", "acc"] + [f"acc{nth}" for nth in reported_occurrences(images_per_class)]
+
+
 def metrics_line(logs, names):
     return " - ".join(f"{name}: {logs[name]:.4f}" for name in names)
 
@@ -1197,6 +1174,27 @@ class EpisodePictures(keras.callbacks.Callback):
             tf.summary.image("validation episodes", pictures, step=epoch, max_outputs=len(pictures))
         self.writer.flush()
 
+
+
+# The fused batch normalisation
+
+@keras.saving.register_keras_serializable(package="learning_to_learn")
+class FusedBatchNormalization(keras.layers.BatchNormalization):
+    """Keras's batch normalisation, of images in training through TensorFlow's fused kernel: one pass over the
+    activations forward and one back, where Keras's separate ops make several, over the few-shot CNN's largest
+    tensors. The same function and moving statistics, to float rounding."""
+
+    def call(self, inputs, training=None, mask=None):
+        if not (training and self.trainable) or mask is not None or len(inputs.shape) != 4:
+            return super().call(inputs, training=training, mask=mask)
+        outputs, mean, variance = tf.compat.v1.nn.fused_batch_norm(inputs, self.gamma, self.beta,
+                                                                   epsilon=self.epsilon, is_training=True)
+        # The kernel's variance is the unbiased one; Keras's moving variance follows the biased one.
+        values = ops.cast(ops.size(inputs) // ops.shape(inputs)[-1], variance.dtype)
+        variance = variance * (values - 1) / values
+        self.moving_mean.assign(self.moving_mean * self.momentum + mean * (1.0 - self.momentum))
+        self.moving_variance.assign(self.moving_variance * self.momentum + variance * (1.0 - self.momentum))
+        return outputs
 
 
 # The fused recurrence
