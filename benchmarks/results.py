@@ -130,6 +130,8 @@ RUNS = {
     "pooled-cnn-best-20way-seed2": ["--classes=20", "--images_per_class=6"] + POOLED[1:] + ["--epochs=7", "--seed=2"],
     # ... 10 epochs: the hour's worth once the few-shot CNN's batch normalisation runs fused.
     "pooled-cnn-best-20way-10epochs": ["--classes=20", "--images_per_class=6"] + POOLED[1:] + ["--epochs=10"],
+    "pooled-cnn-best-20way-10epochs-seed1": ["--classes=20", "--images_per_class=6"] + POOLED[1:]
+                                            + ["--epochs=10", "--seed=1"],
     # ... its episodes of one alphabet each, as Lake's runs are (26 of the 30 background alphabets have 20 characters).
     "within-alphabet-pooled-cnn-best-20way": ["--classes=20", "--images_per_class=6"] + POOLED[1:]
                                              + ["--epochs=7", "--within_alphabet"],
