@@ -65,10 +65,8 @@ def answer_queries(model, images, support, support_labels, query, batch_size=64,
         raise DataError(f"a support of {shown} drawings and a query need {shown + 1} steps; the model's episodes "
                         f"have {steps}")
     tasks, queries = query.shape
-    episodes = np.concatenate([np.repeat(support, queries, axis=0), query.reshape(-1, 1)], axis=1)  # task-major
-    previous = np.full(episodes.shape, -1, np.int32)
-    previous[:, 1:] = np.repeat(support_labels, queries, axis=0)
-    if is_programs_model(model):
+    episodes, previous = query_episodes(support, support_labels, query)
+    if memory_recurrence(model) is not None:
         features = model.get_layer("image_features").predict(images, batch_size=512, verbose=0)
         answer = functools.partial(answer_from_support_state, model, features)
     else:
@@ -82,8 +80,20 @@ def answer_queries(model, images, support, support_labels, query, batch_size=64,
     return np.concatenate(answers).reshape(tasks, queries, -1)
 
 
-def is_programs_model(model):
-    return any(isinstance(getattr(layer, "cell", None), MemoryAugmentedLSTM) for layer in model.layers)
+def query_episodes(support, support_labels, query):
+    """Each query's episode `[tasks * queries, shown + 1]`, task-major: its task's support, then the query; and
+    their previous labels, the support's one step later."""
+    queries = query.shape[1]
+    episodes = np.concatenate([np.repeat(support, queries, axis=0), query.reshape(-1, 1)], axis=1)
+    previous = np.full(episodes.shape, -1, np.int32)
+    previous[:, 1:] = np.repeat(support_labels, queries, axis=0)
+    return episodes, previous
+
+
+def memory_recurrence(model):
+    """The RNN layer over this program's memory cell, if `model` is one of the program's; else None."""
+    return next((layer for layer in model.layers if isinstance(getattr(layer, "cell", None), MemoryAugmentedLSTM)),
+                None)
 
 
 def answer_last_steps(model, images, episodes, previous, queries):
@@ -100,7 +110,7 @@ def answer_from_support_state(model, features, episodes, previous, queries):
     """A model of learning_to_learn.py, of images of CNN `features` `[N, features]`: as `answer_last_steps`
     answers, but faster, for the support's steps, the same in every query's episode, run once a task; each
     query is one step of the cell from the state after them."""
-    recurrence = next(layer for layer in model.layers if isinstance(getattr(layer, "cell", None), MemoryAugmentedLSTM))
+    recurrence = memory_recurrence(model)
     vote = next((layer for layer in model.layers if isinstance(layer, EarlierLabelVote)), None)
     cell, classes, shown = recurrence.cell, model.outputs[0].shape[-1], episodes.shape[1] - 1
     features = features[episodes]

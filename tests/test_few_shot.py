@@ -114,13 +114,11 @@ def test_the_programs_model_is_causal_so_a_query_sees_only_the_support():
 def test_the_programs_model_answers_from_its_support_state_as_from_a_whole_episode(flags):
     model = model_for_training(parse_args(["--classes=3", "--images_per_class=4", "--lstm_dim=8", "--cell_size=4",
                                            *flags]))
-    assert few_shot.is_programs_model(model)
+    assert few_shot.memory_recurrence(model) is not None
     dataset = noise_dataset()
     support, support_labels, query, _ = few_shot.draw_tasks(dataset, ways=3, shots=2, queries=1, count=5, seed=6)
     queries = query.shape[1]
-    episodes = np.concatenate([np.repeat(support, queries, axis=0), query.reshape(-1, 1)], axis=1)
-    previous = np.full(episodes.shape, -1, np.int32)
-    previous[:, 1:] = np.repeat(support_labels, queries, axis=0)
+    episodes, previous = few_shot.query_episodes(support, support_labels, query)
     images = dataset.data["images"]
     whole = few_shot.answer_last_steps(model, images, episodes, previous, queries)
     features = model.get_layer("image_features").predict(images, verbose=0)
