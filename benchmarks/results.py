@@ -132,6 +132,8 @@ RUNS = {
     "pooled-cnn-best-20way-10epochs": ["--classes=20", "--images_per_class=6"] + POOLED[1:] + ["--epochs=10"],
     "pooled-cnn-best-20way-10epochs-seed1": ["--classes=20", "--images_per_class=6"] + POOLED[1:]
                                             + ["--epochs=10", "--seed=1"],
+    "pooled-cnn-best-20way-10epochs-seed2": ["--classes=20", "--images_per_class=6"] + POOLED[1:]
+                                            + ["--epochs=10", "--seed=2"],
     # ... its episodes of one alphabet each, as Lake's runs are (26 of the 30 background alphabets have 20 characters).
     "within-alphabet-pooled-cnn-best-20way": ["--classes=20", "--images_per_class=6"] + POOLED[1:]
                                              + ["--epochs=7", "--within_alphabet"],
