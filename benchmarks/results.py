@@ -110,10 +110,9 @@ RUNS = {
     # the field's tasks: the kernels there add in another order.
     "first-weight-best-5way-seed2-again": POOLED + ["--epochs=12", "--first_occurrence_weight=1.75", "--seed=2"],
     "first-weight-best-5way-seed1-again": POOLED + ["--epochs=12", "--first_occurrence_weight=1.75", "--seed=1"],
-    # ... weighed 1.5 times: 1.75 took 0.0122 off the 2nd for 0.0114 at the 1st, seed 42; between the two.
+    # ... weighed 1.5 times: 1.75 took 0.0122 off the 2nd for 0.0114 at the 1st, seed 42; between the two?
     "first-weight-1.5-best-5way": POOLED + ["--epochs=12", "--first_occurrence_weight=1.5"],
     "first-weight-1.5-best-5way-seed1": POOLED + ["--epochs=12", "--first_occurrence_weight=1.5", "--seed=1"],
-    "first-weight-1.5-best-5way-seed2": POOLED + ["--epochs=12", "--first_occurrence_weight=1.5", "--seed=2"],
     # ... without the best match of the features: does the vote need it?
     "no-feature-match-best-5way": [flag for flag in POOLED if flag != "--feature_match"]
                                   + ["--epochs=12", "--first_occurrence_weight=1.75"],
