@@ -51,6 +51,8 @@ RUNS = {
     "default-5way": ["--classes=5"],
     # The same command at a later commit, a faster day of the same machine: the default run's time now.
     "default-5way-again": ["--classes=5"],
+    # The same command on an Intel Xeon with AVX-512: the default run's time on another CPU of that width.
+    "default-5way-xeon": ["--classes=5"],
     "default-5way-seed1": ["--classes=5", "--seed=1"],
     "default-5way-seed2": ["--classes=5", "--seed=2"],
     "default-2way": ["--classes=2"],
