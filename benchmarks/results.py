@@ -46,6 +46,7 @@ BEST = ["--classes=5", "--read_sharpness=5", "--rotations", "--read_heads=2", "-
 # The few-shot CNN's blocks with 32 filters; BEST with the earlier labels' vote and that CNN, less its epochs.
 FEW_SHOT_CNN = ["--cnn_pooling", "--cnn_filters=32,32,32,32"]
 POOLED = BEST[:-1] + ["--feature_match", "--feature_labels"] + FEW_SHOT_CNN
+POOLED_20WAY = ["--classes=20", "--images_per_class=6"] + POOLED[1:]  # ... in episodes of 20 classes x 6 drawings
 RUNS = {
     # The assignment's model and training.
     "default-5way": ["--classes=5"],
@@ -130,18 +131,15 @@ RUNS = {
     "feature-labels-best-20way-seed2": ["--classes=20", "--images_per_class=6"] + BEST[1:-1]
                                        + ["--feature_match", "--feature_labels", "--epochs=32", "--seed=2"],
     # ... with the few-shot CNN of the best 5-way recipe: 7 epochs, as many as an hour held on a slow day.
-    "pooled-cnn-best-20way": ["--classes=20", "--images_per_class=6"] + POOLED[1:] + ["--epochs=7"],
-    "pooled-cnn-best-20way-seed1": ["--classes=20", "--images_per_class=6"] + POOLED[1:] + ["--epochs=7", "--seed=1"],
-    "pooled-cnn-best-20way-seed2": ["--classes=20", "--images_per_class=6"] + POOLED[1:] + ["--epochs=7", "--seed=2"],
+    "pooled-cnn-best-20way": POOLED_20WAY + ["--epochs=7"],
+    "pooled-cnn-best-20way-seed1": POOLED_20WAY + ["--epochs=7", "--seed=1"],
+    "pooled-cnn-best-20way-seed2": POOLED_20WAY + ["--epochs=7", "--seed=2"],
     # ... 10 epochs: the hour's worth once the few-shot CNN's batch normalisation runs fused.
-    "pooled-cnn-best-20way-10epochs": ["--classes=20", "--images_per_class=6"] + POOLED[1:] + ["--epochs=10"],
-    "pooled-cnn-best-20way-10epochs-seed1": ["--classes=20", "--images_per_class=6"] + POOLED[1:]
-                                            + ["--epochs=10", "--seed=1"],
-    "pooled-cnn-best-20way-10epochs-seed2": ["--classes=20", "--images_per_class=6"] + POOLED[1:]
-                                            + ["--epochs=10", "--seed=2"],
+    "pooled-cnn-best-20way-10epochs": POOLED_20WAY + ["--epochs=10"],
+    "pooled-cnn-best-20way-10epochs-seed1": POOLED_20WAY + ["--epochs=10", "--seed=1"],
+    "pooled-cnn-best-20way-10epochs-seed2": POOLED_20WAY + ["--epochs=10", "--seed=2"],
     # ... its episodes of one alphabet each, as Lake's runs are (26 of the 30 background alphabets have 20 characters).
-    "within-alphabet-pooled-cnn-best-20way": ["--classes=20", "--images_per_class=6"] + POOLED[1:]
-                                             + ["--epochs=7", "--within_alphabet"],
+    "within-alphabet-pooled-cnn-best-20way": POOLED_20WAY + ["--epochs=7", "--within_alphabet"],
     # 15-way episodes (150 steps, 150 cells) on the best recipe, as many epochs as an hour holds.
     "best-15way": ["--classes=15"] + BEST[1:-1] + ["--epochs=15"],
     "feature-labels-best-15way": ["--classes=15"] + BEST[1:-1] + ["--feature_match", "--feature_labels", "--epochs=15"],
