@@ -138,6 +138,7 @@ RUNS = {
     "pooled-cnn-best-20way-10epochs": POOLED_20WAY + ["--epochs=10"],
     "pooled-cnn-best-20way-10epochs-seed1": POOLED_20WAY + ["--epochs=10", "--seed=1"],
     "pooled-cnn-best-20way-10epochs-seed2": POOLED_20WAY + ["--epochs=10", "--seed=2"],
+    "pooled-cnn-best-20way-bfloat16-seed2": POOLED_20WAY + ["--epochs=10", "--seed=2", "--cnn_bfloat16"],
     # ... its episodes of one alphabet each, as Lake's runs are (26 of the 30 background alphabets have 20 characters).
     "within-alphabet-pooled-cnn-best-20way": POOLED_20WAY + ["--epochs=7", "--within_alphabet"],
     # 15-way episodes (150 steps, 150 cells) on the best recipe, as many epochs as an hour holds.
