@@ -103,6 +103,34 @@ def test_only_the_few_shot_cnn_normalizes_fused_so_the_assignments_graded_lines_
     assert layers == {(): keras.layers.BatchNormalization, ("--cnn_pooling",): FusedBatchNormalization}
 
 
+@pytest.mark.parametrize("pooling", [(), ("--cnn_pooling",)])
+def test_cnn_bfloat16_computes_the_float32_cnns_features_and_gradients_to_bfloat16s_precision(pooling):
+    flags = [*TINY, *pooling, "--cnn_filters=4,6"]
+    cnns = [model_for_training(parse_args(flags + extra)).get_layer("image_features")
+            for extra in ([], ["--cnn_bfloat16"])]
+    cnns[1].set_weights(cnns[0].get_weights())
+    rng = np.random.default_rng(2)
+    images = tf.constant(rng.random([8, 28, 28, 1], dtype=np.float32))
+    weights = rng.normal(size=[8, cnns[0].output.shape[-1]]).astype(np.float32)
+    results = []
+    for cnn in cnns:
+        with tf.GradientTape() as tape:
+            features = cnn(images, training=True)
+            loss = tf.reduce_sum(features * weights)
+        results.append([features, *tape.gradient(loss, cnn.trainable_variables)])
+    # The activations in between are bfloat16, what goes in and out and every weight float32.
+    assert cnns[1].layers[0].compute_dtype == "bfloat16" and cnns[1].output.dtype == "float32"
+    assert {weight.dtype for weight in cnns[1].weights} == {"float32"}
+    features = results[0][0].numpy()
+    assert not np.array_equal(results[1][0].numpy(), features)
+    # bfloat16 keeps 8 bits of mantissa, 0.4%: the features stay within 1%; the gradients, sums of many
+    # rounded products through the normalisation's cancellations, keep their direction.
+    np.testing.assert_allclose(results[1][0].numpy(), features, atol=0.01 * np.abs(features).max())
+    for single, half in zip(results[0][1:], results[1][1:], strict=True):
+        single, half = np.ravel(single), np.ravel(half)
+        assert single @ half / np.linalg.norm(single) / np.linalg.norm(half) > 0.97
+
+
 def test_feature_match_gives_each_step_its_best_cosine_with_the_earlier_images_features():
     model = model_for_training(parse_args([*TINY, "--feature_match"]))
     images, previous = episode_inputs(2, np.random.default_rng(0))
