@@ -117,8 +117,7 @@ add_flag(model_flags, "cnn_pooling", default=False, action="store_true",
          help="Convolve with stride 1 and 'same' padding, then max-pool by 2: with --cnn_filters=64,64,64,64 the "
               "standard few-shot encoder.")
 add_flag(model_flags, "cnn_bfloat16", default=False, action="store_true",
-         help="Run the CNN in bfloat16 (its weights and normalisation statistics stay float32): faster on CPUs with "
-              "AMX or AVX512_BF16, slower on others.")
+         help="The CNN's activations in bfloat16, its weights float32: faster where the CPU has AMX.")
 add_flag(model_flags, "lstm_dim", default=256, type=int, least=1, metavar="N", help="Units of the LSTM controller.")
 add_flag(model_flags, "cell_size", default=40, type=int, least=1, metavar="N", help="Units of one memory cell.")
 add_flag(model_flags, "read_heads", default=1, type=int, least=0, metavar="N", help="Memory reads per step.")
@@ -331,9 +330,7 @@ class NthOccurrenceAccuracy(keras.metrics.Mean):
         return super().update_state(correct, sample_weight=nth)
 
     def get_config(self):
-        config = super().get_config()
-        config.update(nth=self.nth)
-        return config
+        return {**super().get_config(), "nth": self.nth}
 
 
 def reported_occurrences(images_per_class):
@@ -473,26 +470,20 @@ def image_features(conv_filters, pooling=False, bfloat16=False):
     The assignment's convolutions have stride 2 and no padding; with `pooling`, each block is the one of
     matching and prototypical networks (Vinyals et al., 2016; Snell et al., 2017): a convolution keeping
     the image's size, then a 2x2 max-pooling. Of stride 1, a convolution has 4 times the outputs to compute.
-    With `bfloat16`, the activations are bfloat16: half the memory traffic, and oneDNN's matrix units where the
-    CPU has them; the features leave as float32.
     """
     dtype = "mixed_bfloat16" if bfloat16 else None
     layers = [keras.Input([Omniglot.H, Omniglot.W, Omniglot.C])]
     for filters in conv_filters:
-        if pooling:
-            convolution = keras.layers.Conv2D(filters, 3, padding="same", use_bias=False, dtype=dtype)
-        else:
-            convolution = keras.layers.Conv2D(filters, 3, strides=2, padding="valid", use_bias=False, dtype=dtype)
+        strides, padding = (1, "same") if pooling else (2, "valid")
+        convolution = keras.layers.Conv2D(filters, 3, strides, padding, use_bias=False, dtype=dtype)
         # The few-shot CNN's normalisation runs fused: half its time. The assignment's keeps Keras's, whose last
         # bits its graded lines and recorded runs hold.
         normalization = (FusedBatchNormalization if pooling else keras.layers.BatchNormalization)(dtype=dtype)
         layers += [convolution, normalization, keras.layers.ReLU(dtype=dtype)]
         if pooling:
             layers.append(keras.layers.MaxPooling2D(2, dtype=dtype))
-    layers.append(keras.layers.Flatten(dtype=dtype))
-    if bfloat16:
-        layers.append(keras.layers.Activation("linear", dtype="float32"))  # the cast back to float32
-    return keras.Sequential(layers, name="image_features")
+    to_float32 = [keras.layers.Activation("linear", dtype="float32")] if bfloat16 else []  # the features
+    return keras.Sequential(layers + [keras.layers.Flatten(dtype=dtype)] + to_float32, name="image_features")
 
 
 def earlier_cosines(features):
@@ -1230,7 +1221,7 @@ class StepActivations(NamedTuple):
 
 
 class StepRecord(NamedTuple):
-    """One forward step as its backward pass needs it (in a scan, each field gains a leading time axis)."""
+    """One forward step as its backward pass needs it."""
     d_h: tf.Tensor  # (batch, units): the gradient of the loss through the step's output
     d_read_value: tf.Tensor  # (batch, read_size): likewise
     c_before: tf.Tensor  # (batch, units)
@@ -1248,18 +1239,36 @@ class StepGradients(NamedTuple):
     interface: tf.Tensor  # (batch, (read_heads + 1) * cell_size): of the interface before its tanh
 
 
+def scan_steps(step, steps, carry, one_step, reverse=False):
+    """`carry, outputs = step(t, carry)` for t = 0 .. steps - 1 (with `reverse`, from the last): the last carry
+    and every step's outputs stacked, a structure like `one_step`. tf.scan would stack the carry as well: here
+    the memory, steps times over."""
+    arrays = [tf.TensorArray(output.dtype, size=steps, element_shape=output.shape)
+              for output in tf.nest.flatten(one_step)]
+
+    def body(i, carry, arrays):
+        t = steps - 1 - i if reverse else i
+        carry, outputs = step(t, carry)
+        outputs = tf.nest.flatten(outputs)
+        return i + 1, carry, [array.write(t, output) for array, output in zip(arrays, outputs, strict=True)]
+
+    _, carry, arrays = tf.while_loop(lambda i, *_: i < steps, body, (0, carry, arrays))
+    return carry, tf.nest.pack_sequence_as(one_step, [array.stack() for array in arrays])
+
+
 @keras.saving.register_keras_serializable(package="learning_to_learn")
 class MemoryAugmentedRNN(keras.layers.RNN):
     """`keras.layers.RNN` over a `MemoryAugmentedLSTM`, the same results in a fast loop with its own gradient.
 
     As `keras.layers.LSTM` hands its loop to cuDNN, this layer runs the cell's
-    `step` in one scan, and backpropagates through time with a second scan
+    `step` in one loop, and backpropagates through time with a second loop
     written by hand: automatic differentiation of a loop adds up every
     weight's gradient step by step in small matrix products, while here the
     backward loop emits the gradients of each step's gates and interface, and
     each weight's gradient is then one large product over all steps. The
     input projection and the output layer do not recur: they run over all
-    steps at once.
+    steps at once. Nor is the memory kept at every step: before step t it is the
+    last writes and what was there before the first.
     """
 
     def inner_loop(self, sequences, initial_state, mask, training=False):
@@ -1293,36 +1302,48 @@ class MemoryAugmentedRNN(keras.layers.RNN):
         def recurrence(*inputs):
             # The gradient is `backward`'s: an eager tape must not record the loop as well (through XLA it cannot).
             projected, h, c, read_value, memory, *weights = [tf.stop_gradient(tensor) for tensor in inputs]
-            # tf.scan stacks its whole carry: the states after each step, and what the backward pass keeps.
-            batch_size = ops.shape(h)[0]
-            nothing_yet = StepActivations(ops.zeros_like(projected[0]),
-                                          ops.zeros((batch_size, cell.interface_size)),
-                                          ops.zeros((batch_size, cell.read_heads, cell.memory_cells)))
-            after, activations = compiled(lambda: tf.scan(
-                lambda carry, projected_input: cell.step(projected_input, carry[0], weights),
-                projected, initializer=(CellState(h, c, read_value, memory), nothing_yet)))()
-            c_before = ops.concatenate([c[None], after.c[:-1]])  # (steps, batch, units)
-            memory_before = ops.concatenate([memory[None], after.memory[:-1]])  # (steps, batch, cells, cell_size)
+            steps, batch_size = projected.shape[0], ops.shape(h)[0]
+
+            def forward_step(t, state):
+                state, activations = cell.step(projected[t], state, weights)
+                return state, (state.h, state.c, state.read_value, state.memory[:, 0], activations)
+
+            one_step = (h, c, read_value, memory[:, 0],
+                        StepActivations(projected[0], ops.zeros((batch_size, cell.interface_size)),
+                                        ops.zeros((batch_size, cell.read_heads, cell.memory_cells))))
+            last, (hs, cs, read_values, writes, activations) = compiled(lambda: scan_steps(
+                forward_step, steps, CellState(h, c, read_value, memory), one_step))()
+            c_before = ops.concatenate([c[None], cs[:-1]])  # (steps, batch, units)
+            # The memory is a shift register: before step t it holds the last writes, newest first, then the
+            # memory before the first step. All of them in one tensor, (steps + cells, batch, cell_size).
+            written = ops.concatenate([ops.flip(writes, axis=0), ops.transpose(memory, [1, 0, 2])])
 
             def backward(d_hs, d_read_values, d_c_last, d_memory_last):
                 recurrent_kernel, interface_kernel, _ = weights
+
+                def backward_step(t, d_after):
+                    memory_before = ops.transpose(tf.slice(written, [steps - t, 0, 0], [cell.memory_cells, -1, -1]),
+                                                  [1, 0, 2])
+                    record = StepRecord(d_hs[t], d_read_values[t], c_before[t], cs[t], memory_before,
+                                        StepActivations(*[field[t] for field in activations]))
+                    d = self._step_backward(d_after, record, recurrent_kernel, interface_kernel)
+                    return d, (d.gates, d.interface)
+
                 from_last = StepGradients(ops.zeros_like(ops.concatenate([h, read_value], axis=-1)), d_c_last,
                                           d_memory_last, ops.zeros_like(activations.gates[0]),
                                           ops.zeros_like(activations.interface[0]))
-                records = StepRecord(d_hs, d_read_values, c_before, after.c, memory_before, activations)
-                d = compiled(lambda: tf.scan(
-                    lambda d_after, record: self._step_backward(d_after, record, recurrent_kernel, interface_kernel),
-                    records, initializer=from_last, reverse=True))()
+                d_first, (d_gates, d_interface) = compiled(lambda: scan_steps(
+                    backward_step, steps, from_last, (from_last.gates, from_last.interface), reverse=True))()
 
                 # Each weight's gradient: one product over all steps and episodes.
-                h_read_before = ops.concatenate([ops.concatenate([h[None], after.h[:-1]]),
-                                                 ops.concatenate([read_value[None], after.read_value[:-1]])], axis=-1)
-                d_weights = [ops.tensordot(h_read_before, d.gates, [[0, 1], [0, 1]]),
-                             ops.tensordot(after.h, d.interface, [[0, 1], [0, 1]]), ops.sum(d.interface, axis=[0, 1])]
-                d_h, d_read_value = d.h_read_before[0, :, :cell.units], d.h_read_before[0, :, cell.units:]
-                return d.gates, d_h, d.c_before[0], d_read_value, d.memory_before[0], *d_weights
+                h_read_before = ops.concatenate([ops.concatenate([h[None], hs[:-1]]),
+                                                 ops.concatenate([read_value[None], read_values[:-1]])], axis=-1)
+                d_weights = [ops.tensordot(h_read_before, d_gates, [[0, 1], [0, 1]]),
+                             ops.tensordot(hs, d_interface, [[0, 1], [0, 1]]), ops.sum(d_interface, axis=[0, 1])]
+                d_h, d_read_value = d_first.h_read_before[:, :cell.units], d_first.h_read_before[:, cell.units:]
+                return d_gates, d_h, d_first.c_before, d_read_value, d_first.memory_before, *d_weights
 
-            return (after.h, after.read_value, after.c[-1], after.memory[-1]), backward
+            return (hs, read_values, last.c, last.memory), backward
 
         return recurrence(projected, h, c, read_value, memory, *weights)
 
