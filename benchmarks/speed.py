@@ -39,8 +39,8 @@ bench.add_argument("--child", default=None, help=argparse.SUPPRESS)
 
 
 def cpu(info=None):
-    """The CPU's model name and its widest vector instructions, from `info` (default: /proc/cpuinfo, where there
-    is one): a run's speed depends on both."""
+    """The CPU's model name, its widest vector instructions and its bfloat16 units, from `info` (default:
+    /proc/cpuinfo, where there is one): a run's speed depends on all three (`--cnn_bfloat16` on the last)."""
     try:
         info = info or open("/proc/cpuinfo").read()
     except OSError:
@@ -49,7 +49,9 @@ def cpu(info=None):
     flags = set(re.search(r"^flags\s*: (.*)$", info, re.MULTILINE).group(1).split())
     widest = next((name for flag, name in [("avx512f", "AVX-512"), ("avx2", "AVX2"), ("avx", "AVX")]
                    if flag in flags), "no AVX")
-    return f"{model.group(1) if model else platform.processor()}, {widest}"
+    bfloat16 = next((f", {name}" for flag, name in [("amx_bf16", "AMX"), ("avx512_bf16", "AVX512_BF16")]
+                     if flag in flags), "")
+    return f"{model.group(1) if model else platform.processor()}, {widest}{bfloat16}"
 
 
 def epoch_clock():

@@ -99,11 +99,14 @@ def test_a_log_of_fewer_than_10_drawings_a_class_leaves_the_10th_empty(tmp_path)
         results.last_epoch(log)
 
 
-def test_a_cpu_is_named_with_its_widest_vector_instructions():
+def test_a_cpu_is_named_with_its_widest_vector_instructions_and_bfloat16_units():
     avx2 = "processor\t: 0\nmodel name\t: AMD EPYC 7B13\nflags\t\t: fpu sse2 avx avx2 fma\n"
     assert results.cpu(avx2) == "AMD EPYC 7B13, AVX2"
     assert results.cpu(avx2.replace("avx2", "avx2 avx512f avx512bw")) == "AMD EPYC 7B13, AVX-512"
     assert results.cpu(avx2.replace(" avx avx2 fma", "")) == "AMD EPYC 7B13, no AVX"
+    avx512 = avx2.replace("avx2", "avx2 avx512f")
+    assert results.cpu(avx512.replace("fma", "fma avx512_bf16")) == "AMD EPYC 7B13, AVX-512, AVX512_BF16"
+    assert results.cpu(avx512.replace("fma", "fma avx512_bf16 amx_bf16 amx_tile")) == "AMD EPYC 7B13, AVX-512, AMX"
 
 
 def test_the_fields_table_shows_each_recipes_mean_and_range_over_its_seeds_models(tmp_path, monkeypatch):
