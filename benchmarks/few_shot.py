@@ -29,6 +29,7 @@ import os
 import sys
 
 import numpy as np
+import tensorflow as tf
 from keras import ops
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -68,7 +69,7 @@ def answer_queries(model, images, support, support_labels, query, batch_size=64,
     episodes, previous = query_episodes(support, support_labels, query)
     if memory_recurrence(model) is not None:
         features = model.get_layer("image_features").predict(images, batch_size=512, verbose=0)
-        answer = functools.partial(answer_from_support_state, model, features)
+        answer = functools.partial(answer_from_support_state, model, features, support_pass(model))
     else:
         answer = functools.partial(answer_last_steps, model, images)
     answers = []
@@ -106,19 +107,25 @@ def answer_last_steps(model, images, episodes, previous, queries):
                                    np.concatenate([previous, padding], axis=1)))[:, shown]
 
 
-def answer_from_support_state(model, features, episodes, previous, queries):
-    """A model of learning_to_learn.py, of images of CNN `features` `[N, features]`: as `answer_last_steps`
-    answers, but faster, for the support's steps, the same in every query's episode, run once a task; each
-    query is one step of the cell from the state after them."""
+def support_pass(model):
+    """The recurrence of `model` (one of the program's) returning its last state, as one traced function: run
+    eagerly, the fused recurrence would compile anew at every call."""
     recurrence = memory_recurrence(model)
+    return tf.function(type(recurrence)(recurrence.cell, return_state=True), reduce_retracing=True)
+
+
+def answer_from_support_state(model, features, support_state, episodes, previous, queries):
+    """A model of learning_to_learn.py, of images of CNN `features` `[N, features]`: as `answer_last_steps`
+    answers, but faster, for the support's steps, the same in every query's episode, run once a task (by
+    `support_state`, a `support_pass`); each query is one step of the cell from the state after them."""
     vote = next((layer for layer in model.layers if isinstance(layer, EarlierLabelVote)), None)
-    cell, classes, shown = recurrence.cell, model.outputs[0].shape[-1], episodes.shape[1] - 1
+    cell, classes, shown = memory_recurrence(model).cell, model.outputs[0].shape[-1], episodes.shape[1] - 1
     features = features[episodes]
     # The model keeps no flags: of the cell's input, what the features, the labels and the vote leave is the
     # best earlier match's one column.
     feature_match = cell.input_size > features.shape[-1] + classes * (2 if vote else 1)
     inputs = cell_inputs(features, previous, classes, feature_match, vote)
-    _, *state = type(recurrence)(cell, return_state=True)(inputs[::queries, :shown])  # each task's first episode
+    _, *state = support_state(inputs[::queries, :shown])  # each task's first episode
     output, _ = cell(inputs[:, shown], [ops.repeat(part, queries, axis=0) for part in state])
     return ops.convert_to_numpy(model.layers[-1](output))
 
