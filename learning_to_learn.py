@@ -117,8 +117,7 @@ add_flag(model_flags, "cnn_pooling", default=False, action="store_true",
          help="Convolve with stride 1 and 'same' padding, then max-pool by 2: with --cnn_filters=64,64,64,64 the "
               "standard few-shot encoder.")
 add_flag(model_flags, "cnn_bfloat16", default=False, action="store_true",
-         help="The CNN's activations in bfloat16, its weights float32: --cnn_pooling's CNN runs faster where the "
-              "CPU has AMX or AVX512_BF16, any CNN slower elsewhere.")
+         help="The CNN in bfloat16, its weights float32: --cnn_pooling's faster with AMX or AVX512_BF16, else slower.")
 add_flag(model_flags, "lstm_dim", default=256, type=int, least=1, metavar="N", help="Units of the LSTM controller.")
 add_flag(model_flags, "cell_size", default=40, type=int, least=1, metavar="N", help="Units of one memory cell.")
 add_flag(model_flags, "read_heads", default=1, type=int, least=0, metavar="N", help="Memory reads per step.")
