@@ -766,17 +766,18 @@ def memory_needed(args):
     episodes = {split: count * (characters[split] * 16 + steps * 40)
                 for split, count in [("train", 0 if args.evaluate else args.train_episodes),
                                      ("test", args.test_episodes)]}
-    # The controller's weights dominate the model's; Adam keeps two more of each, and training a gradient.
+    # The controller's and the convolutions' weights; Adam keeps two more of each, and training a gradient.
     features = args.cnn_filters[-1] * image_side(len(args.cnn_filters), args.cnn_pooling) ** 2
-    reads = args.read_heads * args.cell_size
+    reads, channels = args.read_heads * args.cell_size, (1, *args.cnn_filters)
     weights = (4 * args.lstm_dim * (features + args.classes + 2 + reads + args.lstm_dim)
-               + args.lstm_dim * (reads + args.cell_size) + (args.lstm_dim + reads) * args.lstm_dim)
+               + args.lstm_dim * (reads + args.cell_size) + (args.lstm_dim + reads) * args.lstm_dim
+               + sum(9 * before * after for before, after in zip(channels[:-1], channels[1:], strict=True)))
     images = (sum(characters.values())) * 20 * Omniglot.H * Omniglot.W * 4
     return [("the memory states of a batch", ["classes", "images_per_class", "batch_size", "cell_size", "lstm_dim",
-                                              "read_heads"], 4 * steps * batch * activations),
+                                              "read_heads", "cnn_filters"], 4 * steps * batch * activations),
             ("a training epoch's episodes", ["train_episodes"], episodes["train"]),
             ("the validation episodes", ["test_episodes"], episodes["test"]),
-            ("the model's weights", ["lstm_dim", "cell_size", "read_heads"], 4 * 4 * weights),
+            ("the model's weights", ["lstm_dim", "cell_size", "read_heads", "cnn_filters"], 4 * 4 * weights),
             ("the images", ["rotations"], images)]
 
 

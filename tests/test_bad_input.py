@@ -222,14 +222,20 @@ def test_evaluate_refuses_a_foreign_model_and_one_of_other_episodes(tmp_path):
     # the background's 964.
     ("--test_episodes=1000000000", "argument --test_episodes: the validation episodes need about 11682.5 GiB"),
     ("--train_episodes=1000000000", "argument --train_episodes: a training epoch's episodes need about 16227.4 GiB"),
-    ("--lstm_dim=1000000", "arguments --lstm_dim, --cell_size, --read_heads: the model's weights need about"),
-    # 4 bytes * 50 steps * 16 episodes * (3 * 50 cells * 100000 units + 3 * 50 read weights + 16 * 256 of the LSTM)
+    ("--lstm_dim=1000000", "arguments --lstm_dim, --cell_size, --read_heads, --cnn_filters: the model's weights "
+                           "need about"),
+    # 4 bytes * 50 steps * 16 episodes * (3 * 50 cells * 100000 units + 3 * 50 read weights + 16 * 256 of the LSTM
+    # + 4 * (13 * 13 * 8 + 6 * 6 * 16 + 2 * 2 * 32) of the CNN)
     ("--cell_size=100000", "arguments --classes, --images_per_class, --batch_size, --cell_size, --lstm_dim, "
-                           "--read_heads: the memory states of a batch need about 44.7 GiB"),
+                           "--read_heads, --cnn_filters: the memory states of a batch need about 44.7 GiB"),
+    # 16 bytes (a weight, its gradient, Adam's two) * (9 * (8 + 8 * 8 + 8 * 1000 + 1000 * 100000) of the
+    # convolutions + 4 * 256 * (100000 + 5 + 2 + 40 + 256) + 256 * 80 + 296 * 256 of the controller)
+    ("--cnn_pooling --cnn_filters=8,8,1000,100000", "arguments --lstm_dim, --cell_size, --read_heads, "
+                                                    "--cnn_filters: the model's weights need about 14.9 GiB"),
 ])
 def test_a_count_no_machine_can_run_is_refused_naming_its_flag(flag, message, capsys):
     with pytest.raises(SystemExit) as exit:
-        parse_args([flag])
+        parse_args(flag.split())
     assert exit.value.code == 2
     assert capsys.readouterr().err.splitlines()[-1].startswith(f"{os.path.basename(sys.argv[0])}: error: {message}")
 
