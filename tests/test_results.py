@@ -2,6 +2,8 @@
 import importlib.util
 import os
 import re
+import subprocess
+import sys
 
 import pytest
 
@@ -125,3 +127,22 @@ def test_the_fields_table_shows_each_recipes_mean_and_range_over_its_seeds_model
     cells = [cell.strip() for cell in row.split("|")[1:-1]]
     assert cells == ["this program, recipe a (3 seeds)", "background alphabets x 4 rotations", "", "",
                      "92.17 (90.00-95.00)", "", "15.25 (10.00-20.50)"]
+
+
+@pytest.mark.slow
+def test_side_by_side_tells_a_slower_build_from_the_old_one(tmp_path):
+    # The new build's recurrence also multiplies two 1000 x 1000 matrices of its inputs (constants would be folded
+    # away): 2 GFLOP more a call, at least 2 ms.
+    program = open(os.path.join(ROOT, "learning_to_learn.py")).read()
+    projection = "return ops.matmul(inputs, self.controller.kernel[:self.input_size]) + self.controller.bias"
+    assert projection in program
+    square = "(ops.ones((1000, 1000)) + ops.mean(inputs))"
+    slower = f"{projection} + 0 * ops.sum(ops.matmul({square}, {square}))"
+    (tmp_path / "learning_to_learn.py").write_text(program.replace(projection, slower))
+    script = os.path.join(ROOT, "benchmarks", "side_by_side.py")
+    output = subprocess.run([sys.executable, script, ROOT, str(tmp_path), "--flags=--classes=2 --lstm_dim=8",
+                             "--rounds=5"], capture_output=True, text=True, check=True).stdout
+    rows = {row[0]: row[1:] for row in (line.strip("| ").split(" | ") for line in output.splitlines()[4:])}
+    assert list(rows) == ["the recurrence, forward", "the recurrence, forward and backward", "the training step"]
+    old, new = (float(rows["the recurrence, forward"][column].split()[0]) for column in [0, 1])
+    assert new > old + 2 and all(float(ratio) > 1 for *_, ratio in rows.values())
