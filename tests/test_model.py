@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+import learning_to_learn
 from learning_to_learn import (
     FusedBatchNormalization,
     MemoryAugmentedRNN,
@@ -97,10 +98,17 @@ def test_fused_batch_normalization_in_training_is_keras_normalization_by_the_bat
     np.testing.assert_array_equal(fused(images, training=False).numpy(), plain(images, training=False).numpy())
 
 
-def test_only_the_few_shot_cnn_normalizes_fused_so_the_assignments_graded_lines_keep_their_bits():
-    layers = {flags: type(model_for_training(parse_args([*TINY, *flags])).get_layer("image_features").layers[1])
-              for flags in [(), ("--cnn_pooling",)]}
-    assert layers == {(): keras.layers.BatchNormalization, ("--cnn_pooling",): FusedBatchNormalization}
+def test_the_assignments_cnn_normalizes_as_keras_does_in_graded_runs_and_the_plain_build_else_fused(monkeypatch):
+    def normalization(flags, fused=True):
+        model = model_for_training(parse_args([*TINY, *flags]), fused=fused)
+        return type(model.get_layer("image_features").layers[1])
+
+    assert normalization([]) is FusedBatchNormalization
+    assert normalization([], fused=False) is keras.layers.BatchNormalization
+    monkeypatch.setattr(learning_to_learn, "is_op_determinism_enabled", lambda: True)  # as --recodex makes it
+    assert normalization([]) is keras.layers.BatchNormalization
+    # The few-shot CNN's is fused in every run: its recipes were recorded so.
+    assert normalization(["--cnn_pooling"]) is normalization(["--cnn_pooling"], fused=False) is FusedBatchNormalization
 
 
 @pytest.mark.parametrize("pooling", [(), ("--cnn_pooling",)])
@@ -189,8 +197,8 @@ def test_fused_and_plain_recurrence_give_the_same_predictions_and_gradients(flag
 
     expected, actual = predictions_and_gradients(plain), predictions_and_gradients(fused)
     assert len(actual) == 1 + len(fused.trainable_variables)
-    for value, reference in zip(actual, expected, strict=True):
-        np.testing.assert_allclose(value, reference, rtol=1e-4, atol=1e-6)
+    for value, reference in zip(actual, expected, strict=True):  # the fused normalisation rounds in its own order
+        np.testing.assert_allclose(value, reference, rtol=1e-4, atol=1e-5 * np.abs(reference).max())
 
 
 def test_saved_model_loads_with_plain_keras_and_predicts_the_same_without_adams_state(tmp_path):
