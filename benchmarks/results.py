@@ -56,6 +56,8 @@ RUNS = {
     "default-5way-xeon": ["--classes=5"],
     "default-5way-seed1": ["--classes=5", "--seed=1"],
     "default-5way-seed2": ["--classes=5", "--seed=2"],
+    # The default run with the assignment CNN's normalisation fused, as every run but a graded one has it.
+    "default-5way-fused-normalisation": ["--classes=5"],
     "default-2way": ["--classes=2"],
     "lstm-only-5way": ["--classes=5", "--read_heads=0"],  # no memory reads: what the controller alone learns
     "rotations-2heads-5way": ["--classes=5", "--rotations", "--read_heads=2", "--epochs=36"],
@@ -212,6 +214,8 @@ EFFECTS = [
     ("without `--feature_match`", "first-weight-best-5way", "no-feature-match-best-5way", "kept: the vote needs it"),
     ("`--within_alphabet`, 20 epochs: never used its memory", "default-5way", "within-alphabet-5way",
      "not yet on a recipe"),
+    ("the assignment CNN's normalisation fused", "default-5way-again", "default-5way-fused-normalisation",
+     "outside graded runs"),
     ("`--seed=1`", "first-weight-best-5way", "first-weight-best-5way-seed1", ""),
     ("`--seed=2`", "first-weight-best-5way", "first-weight-best-5way-seed2", ""),
     ("the same command on another machine", "first-weight-best-5way-seed2", "first-weight-best-5way-seed2-again",
