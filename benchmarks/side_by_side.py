@@ -17,7 +17,7 @@ import shlex
 import sys
 import time
 
-from speed import cpu
+from speed import call_seconds, cpu, training_pass
 
 bench = argparse.ArgumentParser(description=__doc__.splitlines()[0])
 bench.add_argument("old", help="A checkout of the program.")
@@ -46,42 +46,27 @@ def timed_parts(program, flags):
     model = program.model_for_training(args)
     recurrence = next(layer for layer in model.layers if isinstance(layer, keras.layers.RNN))
     rng = np.random.default_rng(0)
-    steps = program.episode_length(args.classes, args.images_per_class)
-    images = tf.constant(rng.random((args.batch_size, steps, 28, 28, 1), np.float32))
+    images = tf.constant(rng.random((args.batch_size, *model.inputs[0].shape[1:]), np.float32))
+    steps = images.shape[1]
     previous = tf.constant(rng.integers(-1, args.classes, (args.batch_size, steps), np.int32))
     labels = tf.constant(rng.integers(0, args.classes, (args.batch_size, steps), np.int32))
     inputs = keras.Model(model.inputs, recurrence.input)((images, previous))
     output_gradient = tf.constant(rng.normal(size=recurrence(inputs).shape).astype(np.float32))
 
-    @tf.function
-    def forward():
-        return recurrence(inputs, training=True)
-
-    @tf.function
-    def forward_and_backward():
-        with tf.GradientTape() as tape:
-            tape.watch(inputs)
-            outputs = recurrence(inputs, training=True)
-        return tape.gradient(outputs, [*recurrence.trainable_variables, inputs], output_gradients=output_gradient)
-
+    forward = tf.function(lambda: recurrence(inputs, training=True))
+    backward = training_pass(recurrence, output_gradient, wrt_inputs=True)
     model.make_train_function()  # builds the optimizer's state
     step = tf.function(lambda: model.train_step(((images, previous), labels)))
-    return {"the recurrence, forward": forward, "the recurrence, forward and backward": forward_and_backward,
+    return {"the recurrence, forward": forward, "the recurrence, forward and backward": lambda: backward(inputs),
             "the training step": step}
 
 
 def main(options):
     import numpy as np
-    import tensorflow as tf
 
     sys.path.insert(0, options.old)
     builds = {label: timed_parts(load(f"learning_to_learn_{label}", directory), options.flags.split())
               for label, directory in [("old", options.old), ("new", options.new)]}
-
-    def seconds(function):
-        start = time.perf_counter()
-        tf.nest.map_structure(lambda tensor: tensor.numpy(), function())
-        return time.perf_counter() - start
 
     print(f"`{shlex.join(sys.argv)}`; {os.cpu_count()} cores of {cpu()}, {time.strftime('%Y-%m-%d')}; ms, median "
           "(quartiles)\n")
@@ -89,11 +74,11 @@ def main(options):
     for part in builds["old"]:
         for build in builds.values():
             for _ in range(3):  # tracing, compiling, warming up
-                seconds(build[part])
+                call_seconds(build[part])
         times = {label: [] for label in builds}
         for _ in range(options.rounds):
             for label, build in builds.items():
-                times[label].append(1000 * seconds(build[part]))
+                times[label].append(1000 * call_seconds(build[part]))
         cells = [f"{np.median(times[label]):.1f} ({np.percentile(times[label], 25):.1f}-"
                  f"{np.percentile(times[label], 75):.1f})" for label in builds]
         print(f"| {part} | {' | '.join(cells)} | {np.median(times['new']) / np.median(times['old']):.3f} |",

@@ -77,6 +77,31 @@ def epoch_clock():
     return Clock()
 
 
+def call_seconds(function, *arguments):
+    """The seconds of one call of `function`, its results fetched: TensorFlow may return before computing them."""
+    import tensorflow as tf
+
+    start = time.perf_counter()
+    tf.nest.map_structure(lambda tensor: tensor.numpy(), function(*arguments))
+    return time.perf_counter() - start
+
+
+def training_pass(layer, output_gradient, wrt_inputs):
+    """A `tf.function` of `layer`'s inputs: its forward pass in training, then the gradients of its weights (and,
+    with `wrt_inputs`, of its inputs) from `output_gradient`, that of its output."""
+    import tensorflow as tf
+
+    @tf.function
+    def both(*arguments):
+        with tf.GradientTape() as tape:
+            tape.watch(arguments)
+            result = layer(*arguments, training=True)
+        sources = [*layer.trainable_variables, *(arguments if wrt_inputs else ())]
+        return tape.gradient(result, sources, output_gradients=output_gradient)
+
+    return both
+
+
 def plain_fit(args, callbacks):
     """Trains the model of `args` as a straightforward Keras 3 program would: `keras.layers.RNN` over the cell,
     automatic differentiation, episodes from a Python generator (`keras.utils.PyDataset`), validation alike."""
@@ -160,25 +185,12 @@ def profile(flags, batches=20):
     outputs = recurrence(inputs)
 
     def median_ms(function, *arguments):
-        def seconds():
-            start = time.perf_counter()
-            tf.nest.map_structure(lambda tensor: tensor.numpy(), function(*arguments))
-            return time.perf_counter() - start
-
         for _ in range(3):  # tracing, compiling, warming up
-            seconds()
-        return 1000 * sorted(seconds() for _ in range(batches))[batches // 2]
+            call_seconds(function, *arguments)
+        return 1000 * sorted(call_seconds(function, *arguments) for _ in range(batches))[batches // 2]
 
     def forward_and_backward(layer, layer_inputs, output_gradient, wrt_inputs):
-        @tf.function
-        def both(*arguments):
-            with tf.GradientTape() as tape:
-                tape.watch(arguments)
-                result = layer(*arguments, training=True)
-            sources = [*layer.trainable_variables, *(arguments if wrt_inputs else ())]
-            return tape.gradient(result, sources, output_gradients=output_gradient)
-
-        return median_ms(both, *layer_inputs)
+        return median_ms(training_pass(layer, output_gradient, wrt_inputs), *layer_inputs)
 
     forward = {name: median_ms(tf.function(lambda *arguments, layer=layer: layer(*arguments, training=True)),
                                *layer_inputs)
