@@ -104,8 +104,9 @@ add_flag(data, "train_episodes", default=10000, type=int, least=1, metavar="N",
          help="Training episodes per epoch, fresh every epoch.")
 add_flag(data, "rotations", default=False, action="store_true",
          help="Train also on every character rotated by 90, 180 and 270 degrees, each a new character.")
-add_flag(data, "within_alphabet", default=False, action="store_true",
-         help="Draw each training episode's characters from one alphabet, as Lake's one-shot runs do.")
+add_flag(data, "within_alphabet", default=0.0, nargs="?", const=1.0, type=float, least=0, most=1, metavar="SHARE",
+         help="Draw each training episode's characters from one alphabet, as Lake's one-shot runs do; given a "
+              "share, only that share of the episodes, the others from all alphabets.")
 add_flag(data, "shift", default=0, type=int, least=0, most=Omniglot.H - 1, metavar="N",
          help="Move every training image by up to N pixels each way, at random.")
 add_flag(data, "test_episodes", training_only=False, default=1000, type=int, least=1, metavar="N",
@@ -176,12 +177,13 @@ class EpisodeGenerator:
     An episode takes `classes` distinct random characters, the i-th of them
     labelled i (the characters come in random order, so the labels are
     random), `images_per_class` distinct random drawings of each, and shuffles
-    these `episode_length(classes, images_per_class)` images. `within_alphabet`:
-    an episode's characters all come from one alphabet, drawn uniformly from
-    those of `classes` characters or more (the dataset's `alphabets` name them).
+    these `episode_length(classes, images_per_class)` images. `within_alphabet`
+    (a share of the episodes, 0 to 1): such an episode's characters all come
+    from one alphabet, drawn uniformly from those of `classes` characters or
+    more (the dataset's `alphabets` name them).
     """
 
-    def __init__(self, dataset, classes, images_per_class, seed, within_alphabet=False):
+    def __init__(self, dataset, classes, images_per_class, seed, within_alphabet=0.0):
         self._classes, self._images_per_class = classes, images_per_class
         self._rng = np.random.default_rng(seed)
 
@@ -208,7 +210,10 @@ class EpisodeGenerator:
         keys = self._rng.random([episodes, len(self._counts)])
         if self._within_alphabet:
             alphabets = self._rng.choice(self._alphabets_large_enough, episodes)
-            keys[self._alphabet_of_character[None] != alphabets[:, None]] = np.inf
+            outside = self._alphabet_of_character[None] != alphabets[:, None]
+            if self._within_alphabet < 1:
+                outside &= self._rng.random([episodes, 1]) < self._within_alphabet
+            keys[outside] = np.inf
         characters = np.argsort(keys, axis=1)[:, :classes]
         # Distinct drawings of each: the first ones of a random order, with missing drawings sorted last.
         keys = self._rng.random([episodes, classes, self._drawings.shape[1]])
@@ -265,7 +270,7 @@ def validation_batches(dataset, classes, images_per_class, batch_size, episodes)
 
 
 def training_batches(dataset, classes, images_per_class, batch_size, episodes, seed, epochs, shift=0,
-                     first_occurrence_weight=1.0, within_alphabet=False):
+                     first_occurrence_weight=1.0, within_alphabet=0.0):
     """The batches of `episodes` fresh episodes an epoch, for each epoch of the `range` `epochs`, one after another.
 
     An epoch's episodes, and the moves of its images by up to `shift` pixels,

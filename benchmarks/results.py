@@ -140,6 +140,7 @@ RUNS = {
     "pooled-cnn-best-20way-10epochs": POOLED_20WAY + ["--epochs=10"],
     "pooled-cnn-best-20way-10epochs-seed1": POOLED_20WAY + ["--epochs=10", "--seed=1"],
     "pooled-cnn-best-20way-10epochs-seed2": POOLED_20WAY + ["--epochs=10", "--seed=2"],
+    "within-alphabet-half-pooled-cnn-best-20way": POOLED_20WAY + ["--epochs=10", "--within_alphabet=0.5"],
     # ... its CNN in bfloat16, faster with AMX or AVX512_BF16; with the leaner recurrence 11 epochs fit the hour there.
     "pooled-cnn-best-20way-bfloat16-seed2": POOLED_20WAY + ["--epochs=10", "--seed=2", "--cnn_bfloat16"],
     "pooled-cnn-best-20way-bfloat16-11epochs": POOLED_20WAY + ["--epochs=11", "--cnn_bfloat16"],

@@ -50,6 +50,7 @@ from omniglot_dataset import DataError, Omniglot
     ("--first_occurrence_weight=-2",
      "argument --first_occurrence_weight: invalid value -2: must be a finite number above 0"),
     ("--shift=-1", "argument --shift: invalid value -1: must be at least 0"),
+    ("--within_alphabet=1.5", "argument --within_alphabet: invalid value 1.5: must be at most 1"),
     ("--threads=-1", "argument --threads: invalid value -1: must be at least 0"),
     ("--seed=x", "argument --seed: invalid int value: 'x'"),
     ("--seed=-1", "argument --seed: invalid value -1: must be at least 0"),
@@ -172,6 +173,8 @@ def test_within_alphabet_needs_the_alphabets_and_one_large_enough(tmp_path, monk
                                         r"none: put a characters.csv .* beside it, or remove it and unset "):
         check_episodes_fit(parse_args(["--within_alphabet"]), Omniglot())
     check_episodes_fit(parse_args([]), Omniglot())  # without the flag it is no matter
+    assert [parse_args(flags).within_alphabet for flags in [[], ["--within_alphabet"], ["--within_alphabet=0.25"]]] \
+        == [0, 1, 0.25]
 
     monkeypatch.setenv("OMNIGLOT_DATA", omniglot_npz)
     omniglot = Omniglot()

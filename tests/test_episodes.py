@@ -241,6 +241,19 @@ def test_within_alphabet_episodes_take_every_character_from_one_alphabet():
                       previous_labels(labels[episode]), labels[episode])
 
 
+def test_a_share_of_within_alphabet_episodes_takes_one_alphabet_the_rest_any():
+    # 20 alphabets of 5 characters: a 3-way episode drawn from all of them falls within one alphabet with
+    # probability 4/99 * 3/98 = 0.0012, so nearly every one-alphabet episode is one the share chose.
+    dataset = make_dataset([2] * 100)
+    dataset.alphabets = np.repeat(np.arange(20), 5)
+    for share, episodes in [(0.0, 3000), (0.3, 3000), (1.0, 500)]:
+        indices, _ = EpisodeGenerator(dataset, 3, 1, seed=1, within_alphabet=share).sample(episodes)
+        alphabets = dataset.alphabets[dataset.data["labels"][indices]]
+        one_alphabet = np.mean((alphabets == alphabets[:, :1]).all(axis=1))
+        # 3000 draws at 0.3: a standard deviation of 0.0084
+        assert abs(one_alphabet - (share + (1 - share) * 4 / 99 * 3 / 98)) < 0.03, (share, one_alphabet)
+
+
 def test_within_alphabet_needs_an_alphabet_large_enough():
     dataset = make_dataset([2] * 4)
     dataset.alphabets = np.array(list("AABB"))
