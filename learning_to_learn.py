@@ -105,8 +105,7 @@ add_flag(data, "train_episodes", default=10000, type=int, least=1, metavar="N",
 add_flag(data, "rotations", default=False, action="store_true",
          help="Train also on every character rotated by 90, 180 and 270 degrees, each a new character.")
 add_flag(data, "within_alphabet", default=0.0, nargs="?", const=1.0, type=float, least=0, most=1, metavar="SHARE",
-         help="Draw each training episode's characters from one alphabet, as Lake's one-shot runs do; given a "
-              "share, only that share of the episodes, the others from all alphabets.")
+         help="Draw training episodes' characters from one alphabet, as Lake's runs do: all, or SHARE of them.")
 add_flag(data, "shift", default=0, type=int, least=0, most=Omniglot.H - 1, metavar="N",
          help="Move every training image by up to N pixels each way, at random.")
 add_flag(data, "test_episodes", training_only=False, default=1000, type=int, least=1, metavar="N",
@@ -177,10 +176,9 @@ class EpisodeGenerator:
     An episode takes `classes` distinct random characters, the i-th of them
     labelled i (the characters come in random order, so the labels are
     random), `images_per_class` distinct random drawings of each, and shuffles
-    these `episode_length(classes, images_per_class)` images. `within_alphabet`
-    (a share of the episodes, 0 to 1): such an episode's characters all come
-    from one alphabet, drawn uniformly from those of `classes` characters or
-    more (the dataset's `alphabets` name them).
+    these `episode_length(classes, images_per_class)` images. `within_alphabet`:
+    the share of episodes (0 to 1) whose characters come from one alphabet, drawn
+    uniformly from those of `classes` characters or more (`dataset.alphabets`).
     """
 
     def __init__(self, dataset, classes, images_per_class, seed, within_alphabet=0.0):
@@ -210,10 +208,8 @@ class EpisodeGenerator:
         keys = self._rng.random([episodes, len(self._counts)])
         if self._within_alphabet:
             alphabets = self._rng.choice(self._alphabets_large_enough, episodes)
-            outside = self._alphabet_of_character[None] != alphabets[:, None]
-            if self._within_alphabet < 1:
-                outside &= self._rng.random([episodes, 1]) < self._within_alphabet
-            keys[outside] = np.inf
+            chosen = self._rng.random([episodes, 1]) < self._within_alphabet if self._within_alphabet < 1 else True
+            keys[(self._alphabet_of_character[None] != alphabets[:, None]) & chosen] = np.inf
         characters = np.argsort(keys, axis=1)[:, :classes]
         # Distinct drawings of each: the first ones of a random order, with missing drawings sorted last.
         keys = self._rng.random([episodes, classes, self._drawings.shape[1]])
@@ -643,8 +639,7 @@ def main(args, callbacks=()):
     train = training_batches(with_rotations(omniglot.train) if args.rotations else omniglot.train,
                              args.classes, args.images_per_class, args.batch_size, args.train_episodes,
                              args.seed, epochs=range(initial_epoch, args.epochs), shift=args.shift,
-                             first_occurrence_weight=args.first_occurrence_weight,
-                             within_alphabet=args.within_alphabet)
+                             first_occurrence_weight=args.first_occurrence_weight, within_alphabet=args.within_alphabet)
     with told_what_is_kept(checkpoint, args.save_model):
         # shuffle=False: the episodes are drawn at random already, and a tf.data input cannot be shuffled by fit.
         history = model.fit(train, epochs=args.epochs, initial_epoch=initial_epoch,
