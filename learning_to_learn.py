@@ -977,6 +977,8 @@ class EpochCheckpoint(keras.callbacks.Callback):
             raise ValueError("its run is not a JSON object of flags")
         for flag, value in run.items():
             expected = self.run.get(flag)
+            if type(value) is bool and type(expected) is float:  # an earlier version's switch, now a share
+                run[flag] = value = float(value)
             if flag in self.run and not (type(value) is type(expected) and (
                     not isinstance(value, list) or all(type(item) is int for item in value))):
                 raise ValueError(f"its run's --{flag} is {value!r}, not of the type of {expected!r}")

@@ -58,6 +58,8 @@ RUNS = {
     "default-5way-seed2": ["--classes=5", "--seed=2"],
     # The default run with the assignment CNN's normalisation fused, as every run but a graded one has it.
     "default-5way-fused-normalisation": ["--classes=5"],
+    # ... the next day, at the day's own speed on an EPYC of the same kind: the same bits, its time.
+    "default-5way-fused-normalisation-again": ["--classes=5"],
     "default-2way": ["--classes=2"],
     "lstm-only-5way": ["--classes=5", "--read_heads=0"],  # no memory reads: what the controller alone learns
     "rotations-2heads-5way": ["--classes=5", "--rotations", "--read_heads=2", "--epochs=36"],

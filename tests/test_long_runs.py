@@ -379,6 +379,27 @@ def test_an_edited_checkpoint_is_refused_before_the_model_is_built_and_left_as_i
     assert (sorted(os.listdir(tmp_path)), path.read_bytes()) == (before[0] + ["lock"], before[1])
 
 
+def test_a_switch_of_an_earlier_version_that_is_now_a_share_resumes_as_one(written_checkpoint, tmp_path):
+    # --within_alphabet was a switch: its checkpoints hold false or true where runs now hold a share.
+    path = tmp_path / "checkpoint.npz"
+    path.write_bytes(written_checkpoint)
+    with np.load(path) as saved:
+        written = dict(saved)
+    run = str(written.pop("run"))
+    assert '"within_alphabet": 0.0' in run
+    for switch, accepted in [("false", True), ("true", False)]:
+        np.savez(path, **written, run=np.array(run.replace('"within_alphabet": 0.0', f'"within_alphabet": {switch}')))
+        checkpoint = EpochCheckpoint(str(tmp_path), run_flags(parse_args(TINY)))
+        if accepted:
+            checkpoint.claim()
+            assert repr(checkpoint.saved[0]["within_alphabet"]) == "0.0"
+            release(checkpoint)
+        else:
+            with pytest.raises(DataError, match=r"holds a run of other flags \(--within_alphabet 1.0 in the "
+                                                r"checkpoint, 0.0 now\)"):
+                checkpoint.claim()
+
+
 def test_every_flag_of_the_run_changed_on_resume_is_refused_by_name(written_checkpoint, tmp_path):
     saved = run_flags(parse_args([*TINY, "--learning_rate_decay=cosine"]))
     assert set(saved) == {flag for flag, role in FLAGS.items() if role.of_the_run}
