@@ -238,7 +238,8 @@ EFFECTS = [
      "39:33"),
     ("`--within_alphabet=0.5`, 20-way", "pooled-cnn-best-20way-10epochs", "within-alphabet-half-pooled-cnn-best-20way",
      "not taken: few-shot 92.98%, 98.27%, Lake 8.00%"),
-    ("`--within_alphabet=0.5`", "first-weight-best-5way", "within-alphabet-half-best-5way", "not taken: few-shot 97.26%, 99.52%"),
+    ("`--within_alphabet=0.5`", "first-weight-best-5way", "within-alphabet-half-best-5way",
+     "not taken: few-shot 97.26%, 99.52%"),
 ]
 # Flags that change no figure: what they do is tested, not measured.
 TOOLS = ["--checkpoint_dir", "--save_model", "--logdir", "--evaluate", "--threads"]
