@@ -105,7 +105,7 @@ add_flag(data, "train_episodes", default=10000, type=int, least=1, metavar="N",
 add_flag(data, "rotations", default=False, action="store_true",
          help="Train also on every character rotated by 90, 180 and 270 degrees, each a new character.")
 add_flag(data, "within_alphabet", default=0.0, nargs="?", const=1.0, type=float, least=0, most=1, metavar="SHARE",
-         help="Draw training episodes' characters from one alphabet, as Lake's runs do: all, or SHARE of them.")
+         help="Take each training episode's characters from one alphabet, as in Lake's runs; or only SHARE of them.")
 add_flag(data, "shift", default=0, type=int, least=0, most=Omniglot.H - 1, metavar="N",
          help="Move every training image by up to N pixels each way, at random.")
 add_flag(data, "test_episodes", training_only=False, default=1000, type=int, least=1, metavar="N",
