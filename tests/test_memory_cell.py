@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+import learning_to_learn
 from learning_to_learn import MemoryAugmentedLSTM, MemoryAugmentedRNN, unit_vectors
 
 EPSILON = keras.config.epsilon()  # ops.normalize floors a norm at Keras's epsilon, 1e-7
@@ -129,12 +130,14 @@ def test_read_weights_cells_by_softmax_of_cosine_similarity():
                                rtol=1e-6)
 
 
-@pytest.mark.parametrize("read_heads, memory_cells, read_sharpness, jit_compile, memory", [
-    (1, 7, 1.0, False, "random"), (3, 4, 5.0, True, "random"), (0, 7, 1.0, True, "random"),
-    (2, 7, 3.0, False, "tiny cell"), (1, 7, 1.0, True, "tiny cell"), (2, 7, 5.0, False, "empty")])
+@pytest.mark.parametrize("read_heads, memory_cells, read_sharpness, jit_compile, memory, cores", [
+    (1, 7, 1.0, False, "random", 1), (3, 4, 5.0, True, "random", 2), (0, 7, 1.0, True, "random", 3),
+    (2, 7, 3.0, False, "tiny cell", 2), (1, 7, 1.0, True, "tiny cell", 5), (2, 7, 5.0, False, "empty", 1)])
 def test_fused_layer_matches_numpy_and_the_cell_loops_automatic_gradients(read_heads, memory_cells, read_sharpness,
-                                                                         jit_compile, memory):
+                                                                         jit_compile, memory, cores, monkeypatch):
     # 7 steps: with 4 cells old cells drop; 0 heads is the LSTM-only baseline; a tiny cell has its norm floored.
+    # The fused layer splits the 3 episodes among the cores: 1 and 2 episodes, or 1 each (5 cores: 3 parts).
+    monkeypatch.setattr(learning_to_learn, "cores_in_use", lambda: cores)
     batch, steps, features, units, cell_size = 3, 7, 5, 6, 4
     rng = np.random.default_rng(0)
     inputs = rng.normal(size=[batch, steps, features]).astype(np.float32)
