@@ -60,6 +60,9 @@ RUNS = {
     "default-5way-fused-normalisation": ["--classes=5"],
     # ... the next day, at the day's own speed on an EPYC of the same kind: the same bits, its time.
     "default-5way-fused-normalisation-again": ["--classes=5"],
+    # ... with the recurrence's loops over each core's share of the episodes at once, and the backward's kernels
+    # turned outside its loop: another path to other last bits.
+    "default-5way-loops-per-core": ["--classes=5"],
     "default-2way": ["--classes=2"],
     "lstm-only-5way": ["--classes=5", "--read_heads=0"],  # no memory reads: what the controller alone learns
     "rotations-2heads-5way": ["--classes=5", "--rotations", "--read_heads=2", "--epochs=36"],
