@@ -1270,14 +1270,15 @@ class MemoryAugmentedRNN(keras.layers.RNN):
     """`keras.layers.RNN` over a `MemoryAugmentedLSTM`, the same results in a fast loop with its own gradient.
 
     As `keras.layers.LSTM` hands its loop to cuDNN, this layer runs the cell's
-    `step` in one loop, and backpropagates through time with a second loop
-    written by hand: automatic differentiation of a loop adds up every
-    weight's gradient step by step in small matrix products, while here the
-    backward loop emits the gradients of each step's gates and interface, and
-    each weight's gradient is then one large product over all steps. The
-    input projection and the output layer do not recur: they run over all
-    steps at once. Nor is the memory kept at every step: before step t it is the
-    last writes and what was there before the first.
+    `step` in a loop (one a core, each over its share of the episodes), and
+    backpropagates through time with a second loop written by hand: automatic
+    differentiation of a loop adds up every weight's gradient step by step in
+    small matrix products, while here the backward loop emits the gradients
+    of each step's gates and interface, and each weight's gradient is then
+    one large product over all steps. The input projection and the output
+    layer do not recur: they run over all steps at once. Nor is the memory
+    kept at every step: before step t it is the last writes and what was
+    there before the first.
     """
 
     def inner_loop(self, sequences, initial_state, mask, training=False):
