@@ -175,3 +175,26 @@ def test_fused_layer_matches_numpy_and_the_cell_loops_automatic_gradients(read_h
     reference = numpy_recurrence(cell, inputs, *initial_state[:3], memory_cells_now)
     for actual, expected in zip(fused[0], reference, strict=True):
         np.testing.assert_allclose(actual, expected, atol=1e-5)
+
+
+def test_fused_layer_with_more_cores_than_episodes_of_a_batch_unknown_until_run(monkeypatch):
+    # A batch whose size the graph does not know, as fit's last batch: 2 cores and 1 episode leave one share empty.
+    monkeypatch.setattr(learning_to_learn, "cores_in_use", lambda: 2)
+    steps, features, units, memory_cells, cell_size = 4, 3, 5, 4, 2
+    rng = np.random.default_rng(0)
+    inputs = rng.normal(size=[1, steps, features]).astype(np.float32)
+    cell = MemoryAugmentedLSTM(units, memory_cells, cell_size, read_heads=1)
+    rnn = MemoryAugmentedRNN(cell, return_sequences=True, return_state=True)
+
+    @tf.function(input_signature=[tf.TensorSpec([None, steps, features])])
+    def outputs_and_input_gradient(inputs):
+        with tf.GradientTape() as tape:
+            tape.watch(inputs)
+            outputs = rnn(inputs)
+        return outputs, tape.gradient(outputs[0], inputs)
+
+    (outputs, *_), gradient = outputs_and_input_gradient(tf.constant(inputs))
+    zeros = [np.zeros([1, size], np.float32) for size in cell.state_size]
+    np.testing.assert_allclose(outputs, numpy_recurrence(cell, inputs, *zeros[:3],
+                                                         zeros[3].reshape(1, memory_cells, cell_size))[0], atol=1e-5)
+    assert gradient.shape == inputs.shape and np.all(np.isfinite(gradient))
