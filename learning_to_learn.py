@@ -1339,14 +1339,14 @@ class MemoryAugmentedRNN(keras.layers.RNN):
 
             def backward(d_hs, d_read_values, d_c_last, d_memory_last):
                 # Turned once, outside the loop: XLA's products with a turned operand take twice as long.
-                recurrent_kernel, interface_kernel = [ops.transpose(weight) for weight in weights[:2]]
+                recurrent_kernel_turned, interface_kernel_turned = [ops.transpose(weight) for weight in weights[:2]]
 
                 def backward_step(t, d_after):
                     memory_before = ops.transpose(tf.slice(written, [steps - t, 0, 0], [cell.memory_cells, -1, -1]),
                                                   [1, 0, 2])
                     record = StepRecord(d_hs[t], d_read_values[t], c_before[t], cs[t], memory_before,
                                         StepActivations(*[field[t] for field in activations]))
-                    d = self._step_backward(d_after, record, recurrent_kernel, interface_kernel)
+                    d = self._step_backward(d_after, record, recurrent_kernel_turned, interface_kernel_turned)
                     return d, (d.gates, d.interface)
 
                 from_last = StepGradients(ops.zeros_like(ops.concatenate([h, read_value], axis=-1)), d_c_last,
@@ -1367,10 +1367,9 @@ class MemoryAugmentedRNN(keras.layers.RNN):
 
         return recurrence(projected, h, c, read_value, memory, *weights)
 
-    def _step_backward(self, d_after, step, recurrent_kernel, interface_kernel):
+    def _step_backward(self, d_after, step, recurrent_kernel_turned, interface_kernel_turned):
         """`MemoryAugmentedLSTM.step` differentiated by hand: the `StepGradients` it sends to the step before,
-        from those it got from the step after (`d_after`) and the `StepRecord` of its forward pass. The kernels
-        come transposed."""
+        from those it got from the step after (`d_after`) and the `StepRecord` of its forward pass."""
         cell = self.cell
         batch_size = ops.shape(step.d_h)[0]
         heads_shape = (batch_size, cell.read_heads, cell.cell_size)
@@ -1394,7 +1393,7 @@ class MemoryAugmentedRNN(keras.layers.RNN):
         # The write value is cell 0 after the step.
         d_tanh = ops.concatenate([d_after.memory_before[:, 0], d_keys], axis=-1)
         d_interface = d_tanh * (1 - interface * interface)
-        d_h = d_h + ops.matmul(d_interface, interface_kernel)
+        d_h = d_h + ops.matmul(d_interface, interface_kernel_turned)
 
         # The controller: c = f * c_before + i * g, h = o * tanh(c).
         input_gate, forget_gate, candidate, output_gate = ops.split(gates, 4, axis=-1)
@@ -1404,7 +1403,7 @@ class MemoryAugmentedRNN(keras.layers.RNN):
                                    d_c * step.c_before * forget_gate * (1 - forget_gate),
                                    d_c * input_gate * (1 - candidate * candidate),
                                    d_h * tanh_c * output_gate * (1 - output_gate)], axis=-1)
-        return StepGradients(ops.matmul(d_gates, recurrent_kernel), d_c * forget_gate, d_memory,
+        return StepGradients(ops.matmul(d_gates, recurrent_kernel_turned), d_c * forget_gate, d_memory,
                              d_gates, d_interface)
 
 
