@@ -1407,16 +1407,25 @@ class MemoryAugmentedRNN(keras.layers.RNN):
                              d_gates, d_interface)
 
 
+def leave(status, message):
+    """Ends the program with one line on stderr, at once: a run that ends early leaves TensorFlow's threads still
+    feeding batches, and the interpreter's usual exit tears down what they use under them (a segmentation fault,
+    now and then, instead of the status)."""
+    sys.stdout.flush()
+    print(f"{parser.prog}: {message}", file=sys.stderr, flush=True)
+    os._exit(status)
+
+
 if __name__ == "__main__":
     signal.signal(signal.SIGINT, interrupt)  # from here on an interruption is an exception
     signal.signal(signal.SIGTERM, interrupt)
     try:
         main(parse_args())
     except DataError as error:
-        parser.exit(2, f"{parser.prog}: error: {error}\n")
+        leave(2, f"error: {error}")
     except RunEnded as ended:
-        parser.exit(ended.status, f"{parser.prog}: {ended}\n")
+        leave(ended.status, ended)
     except BaseException as error:
         if (status := interruption_status(error)) is None:
             raise
-        parser.exit(status, f"{parser.prog}: interrupted\n")
+        leave(status, "interrupted")

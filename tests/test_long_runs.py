@@ -269,7 +269,7 @@ def test_an_interrupted_run_says_how_to_resume(sent, status, omniglot_npz, tmp_p
         assert run.stdout.readline().startswith("Epoch 1/4 ")
         run.send_signal(sent)
         _, errors = run.communicate(timeout=120)
-    assert run.returncode == status and "Traceback" not in errors
+    assert run.returncode == status and "Traceback" not in errors, errors
     assert errors.splitlines()[-1] == ("learning_to_learn.py: interrupted after epoch 1; "
                                        "run the same command to resume")
 
