@@ -868,6 +868,13 @@ def interrupt(signal_number, frame):
     raise Terminated if signal_number == signal.SIGTERM else KeyboardInterrupt
 
 
+def print_unless_interrupted(kind, error, traceback):
+    """`sys.excepthook`, which C code calls to print an exception it caught: after a signal that is the
+    interruption in another form (TensorFlow printed a SystemError so), and the program's last line says it."""
+    if not signals_received:
+        sys.__excepthook__(kind, error, traceback)
+
+
 def interruption_status(error):
     """130 or 143 where `error` is an interruption, or the form TensorFlow gave one; None where it is not."""
     if isinstance(error, KeyboardInterrupt):
@@ -1419,6 +1426,7 @@ def leave(status, message):
 if __name__ == "__main__":
     signal.signal(signal.SIGINT, interrupt)  # from here on an interruption is an exception
     signal.signal(signal.SIGTERM, interrupt)
+    sys.excepthook = print_unless_interrupted
     try:
         main(parse_args())
     except DataError as error:

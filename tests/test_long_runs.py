@@ -4,6 +4,7 @@ training, divergence and interruptions end it with one line, and what was saved 
 Read-only and full file systems are tmpfs mounts, tried only where the tests run as root.
 """
 import contextlib
+import ctypes
 import errno
 import os
 import re
@@ -28,6 +29,7 @@ from learning_to_learn import (
     model_for_training,
     parse_args,
     parser,
+    print_unless_interrupted,
     run_flags,
     save_without_optimizer_state,
     steps_per_epoch,
@@ -502,6 +504,21 @@ def test_a_signal_while_the_model_moves_into_place_says_it_is_saved(tmp_path, mo
     with pytest.raises(RunEnded, match="^interrupted; nothing was saved$"):
         with told_what_is_kept(None, path):  # the model of an earlier run is not this one's
             raise KeyboardInterrupt
+
+
+def test_an_exception_that_c_code_prints_is_not_printed_after_an_interruption(monkeypatch, capsys):
+    # C code prints what it catches with PyErr_Print, which calls sys.excepthook: as PyRun_SimpleString does.
+    monkeypatch.setattr("sys.excepthook", print_unless_interrupted)
+
+    def print_from_c(message):
+        assert ctypes.pythonapi.PyRun_SimpleString(f"raise SystemError('{message}')".encode()) == -1
+
+    monkeypatch.setattr("learning_to_learn.signals_received", [])
+    print_from_c("not after a signal")
+    assert capsys.readouterr().err.splitlines()[-1] == "SystemError: not after a signal"
+    monkeypatch.setattr("learning_to_learn.signals_received", [signal.SIGINT])
+    print_from_c("after a signal")
+    assert capsys.readouterr().err == ""
 
 
 def handles_sigterm(pid):
