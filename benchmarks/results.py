@@ -64,6 +64,7 @@ RUNS = {
     # turned outside its loop: another path to other last bits.
     "default-5way-loops-per-core": ["--classes=5"],
     "default-5way-loops-per-core-again": ["--classes=5"],  # ... the same hour, the same machine
+    "default-5way-loops-per-core-third": ["--classes=5"],  # ... a session later (4667cbc: the same step)
     "default-2way": ["--classes=2"],
     "lstm-only-5way": ["--classes=5", "--read_heads=0"],  # no memory reads: what the controller alone learns
     "rotations-2heads-5way": ["--classes=5", "--rotations", "--read_heads=2", "--epochs=36"],
