@@ -875,6 +875,15 @@ def print_unless_interrupted(kind, error, traceback):
         sys.__excepthook__(kind, error, traceback)
 
 
+def leave(status, message):
+    """Ends the program with one line on stderr, at once: a run that ends early leaves TensorFlow's threads still
+    feeding batches, and the interpreter's usual exit tears down what they use under them (a segmentation fault,
+    now and then, instead of the status)."""
+    sys.stdout.flush()
+    print(f"{parser.prog}: {message}", file=sys.stderr, flush=True)
+    os._exit(status)
+
+
 def interruption_status(error):
     """130 or 143 where `error` is an interruption, or the form TensorFlow gave one; None where it is not."""
     if isinstance(error, KeyboardInterrupt):
@@ -1412,15 +1421,6 @@ class MemoryAugmentedRNN(keras.layers.RNN):
                                    d_h * tanh_c * output_gate * (1 - output_gate)], axis=-1)
         return StepGradients(ops.matmul(d_gates, recurrent_kernel_turned), d_c * forget_gate, d_memory,
                              d_gates, d_interface)
-
-
-def leave(status, message):
-    """Ends the program with one line on stderr, at once: a run that ends early leaves TensorFlow's threads still
-    feeding batches, and the interpreter's usual exit tears down what they use under them (a segmentation fault,
-    now and then, instead of the status)."""
-    sys.stdout.flush()
-    print(f"{parser.prog}: {message}", file=sys.stderr, flush=True)
-    os._exit(status)
 
 
 if __name__ == "__main__":
