@@ -34,7 +34,6 @@ import importlib.util
 import json
 import math
 import time
-import warnings
 import zipfile
 from typing import NamedTuple
 
@@ -117,7 +116,8 @@ add_flag(model_flags, "cnn_pooling", default=False, action="store_true",
          help="Convolve with stride 1 and 'same' padding, then max-pool by 2: with --cnn_filters=64,64,64,64 the "
               "standard few-shot encoder.")
 add_flag(model_flags, "cnn_bfloat16", default=False, action="store_true",
-         help="The CNN in bfloat16, its weights float32: --cnn_pooling's faster with AMX or AVX512_BF16, else slower.")
+         help="The CNN in bfloat16, its weights float32: --cnn_pooling's faster with AMX or AVX512_BF16; refused on "
+              "a CPU without AVX512F or AVX_NE_CONVERT, where it would be slower and imprecise.")
 add_flag(model_flags, "lstm_dim", default=256, type=int, least=1, metavar="N", help="Units of the LSTM controller.")
 add_flag(model_flags, "cell_size", default=40, type=int, least=1, metavar="N", help="Units of one memory cell.")
 add_flag(model_flags, "read_heads", default=1, type=int, least=0, metavar="N", help="Memory reads per step.")
@@ -596,18 +596,24 @@ def model_for_training(args, fused=True):
         # A function of the optimizer's step count, which checkpoints keep: a resumed run goes on along the curve.
         learning_rate = keras.optimizers.schedules.CosineDecay(
             learning_rate, decay_steps=args.epochs * steps_per_epoch(args.train_episodes, args.batch_size))
-    model.compile(optimizer=keras.optimizers.Adam(learning_rate), loss=keras.losses.SparseCategoricalCrossentropy(),
-                  metrics=[keras.metrics.SparseCategoricalAccuracy(name="acc"),
-                           *[NthOccurrenceAccuracy(nth) for nth in reported_occurrences(args.images_per_class)]],
-                  # XLA compiles the recurrence's loops alone (MemoryAugmentedRNN): the CNN's convolutions run
-                  # faster in TensorFlow's own CPU kernels than in XLA's.
-                  jit_compile=False)
+    model.compile(optimizer=keras.optimizers.Adam(learning_rate), **loss_and_metrics(args.images_per_class))
     return model
+
+
+def loss_and_metrics(images_per_class):
+    """What `compile` needs besides the optimizer, for episodes of `images_per_class` drawings of each class."""
+    return dict(loss=keras.losses.SparseCategoricalCrossentropy(),
+                metrics=[keras.metrics.SparseCategoricalAccuracy(name="acc"),
+                         *[NthOccurrenceAccuracy(nth) for nth in reported_occurrences(images_per_class)]],
+                # XLA compiles the recurrence's loops alone (MemoryAugmentedRNN): the CNN's convolutions run
+                # faster in TensorFlow's own CPU kernels than in XLA's.
+                jit_compile=False)
 
 
 def main(args, callbacks=()):
     """Trains as `args` say, or evaluates; returns the last epoch's metrics by name. `callbacks` join fit's."""
     threads = args.threads if args.threads is not None else int(args.recodex)
+    threads = min(threads, usable_cores())  # threads beyond the cores only take turns on them (0 stays: all)
     tf.config.threading.set_inter_op_parallelism_threads(threads)
     tf.config.threading.set_intra_op_parallelism_threads(threads)
     keras.utils.set_random_seed(args.seed)  # seeds the weight initializers too
@@ -646,7 +652,7 @@ def main(args, callbacks=()):
                             steps_per_epoch=steps_per_epoch(args.train_episodes, args.batch_size),
                             shuffle=False, validation_data=validation, verbose=verbose, callbacks=callbacks)
         if args.save_model:
-            save_without_optimizer_state(model, args.save_model)
+            save_uncompiled(model, args.save_model)
     return {name: float(values[-1]) for name, values in history.history.items()}
 
 
@@ -725,6 +731,9 @@ def parse_args(argv=None):
         if args.logdir and importlib.util.find_spec(package) is None:
             parser.error(f"argument --logdir: needs the {package} package: pip install {package}")
 
+    if args.cnn_bfloat16 and (problem := bfloat16_convolutions_problem()):
+        parser.error(f"argument --cnn_bfloat16: {problem}: TensorFlow's own bfloat16 kernels would convolve, slower "
+                     "than in float32 and with weight gradients up to a third off; leave it out")
     if reported_occurrences(args.images_per_class) != OCCURRENCES:
         print(f"Note: with --images_per_class={args.images_per_class} no class appears {OCCURRENCES[-1]} times "
               f"in an episode: only {', '.join(metric_names(args.images_per_class))} are reported.", file=sys.stderr)
@@ -736,6 +745,37 @@ def parse_args(argv=None):
                      f"about {size / 2**30:.1f} GiB, the run {total / 2**30:.1f} GiB in all, more than the "
                      f"{max(left[0], 0) / 2**30:.1f} GiB left of {left[1]}")
     return args
+
+
+def cpu_flags():
+    """The feature flags of this machine's CPU, as Linux names them in /proc/cpuinfo; None where unknown."""
+    with contextlib.suppress(OSError), open("/proc/cpuinfo") as cpuinfo:
+        for line in cpuinfo:
+            if line.startswith("flags"):
+                return set(line.split(":", 1)[1].split())
+    return None
+
+
+# The instruction sets below which oneDNN has no bfloat16 convolutions, as ONEDNN_MAX_CPU_ISA names them.
+ONEDNN_ISAS_WITHOUT_BFLOAT16 = {"SSE41", "AVX", "AVX2", "AVX2_VNNI"}
+
+
+def bfloat16_convolutions_problem():
+    """Why --cnn_bfloat16 would be slow and imprecise here, in words; None where it is not.
+
+    TensorFlow hands bfloat16 convolutions to oneDNN, which sums in float32 (storing bfloat16), on a CPU with
+    AVX512F or AVX_NE_CONVERT. Elsewhere its own kernels run them, summing in bfloat16: slower than float32 and
+    with weight gradients up to a third off (tests/test_model.py compares both with float32 sums).
+    """
+    if os.environ.get("TF_ENABLE_ONEDNN_OPTS", "").lower() in ("0", "false"):
+        return "TF_ENABLE_ONEDNN_OPTS turns oneDNN off"
+    flags = cpu_flags()
+    if flags is not None and not flags & {"avx512f", "avx_ne_convert"}:
+        return "this CPU has neither AVX512F nor AVX_NE_CONVERT"
+    if (isa := os.environ.get("ONEDNN_MAX_CPU_ISA", "").upper()) in ONEDNN_ISAS_WITHOUT_BFLOAT16:
+        # TensorFlow asks the CPU, not the cap: oneDNN would then fail on the first convolution.
+        return f"ONEDNN_MAX_CPU_ISA={isa} leaves oneDNN no bfloat16 convolutions"
+    return None
 
 
 def image_side(convolutions, pooling):
@@ -781,15 +821,15 @@ def memory_needed(args):
             ("the images", ["rotations"], images)]
 
 
-CGROUP_ROOT, OWN_CGROUP = "/sys/fs/cgroup", "/proc/self/cgroup"
+CGROUP_ROOT, OWN_CGROUP, OWN_STATUS = "/sys/fs/cgroup", "/proc/self/cgroup", "/proc/self/status"
 
 
 def memory_limits():
     """`[(bytes left, what limits them)]`: the machine's RAM and the cgroup's limit less what this process holds,
     the address space limit (`ulimit -v`) less what it maps. Empty where none is known."""
     status = {}
-    with contextlib.suppress(OSError):
-        status = dict(line.split(":", 1) for line in open("/proc/self/status") if ":" in line)
+    with contextlib.suppress(OSError), open(OWN_STATUS) as lines:
+        status = dict(line.split(":", 1) for line in lines if ":" in line)
     resident, mapped = (int(status.get(key, "0 kB").split()[0]) * 1024 for key in ["VmRSS", "VmSize"])
     limits = []
     with contextlib.suppress(ValueError, OSError, AttributeError):
@@ -808,8 +848,8 @@ def memory_limits():
 def cgroup_memory_limit():
     """This process's cgroup memory limit and the file that sets it, `(bytes, path)`, or None: cgroup v2's
     memory.max, v1's memory.limit_in_bytes (whose "no limit" is near 2**63)."""
-    with contextlib.suppress(OSError):
-        for line in open(OWN_CGROUP).read().splitlines():
+    with contextlib.suppress(OSError), open(OWN_CGROUP) as lines:
+        for line in lines.read().splitlines():
             _, controllers, group = line.split(":", 2)
             if controllers == "":
                 paths = [f"{CGROUP_ROOT}{group}/memory.max", f"{CGROUP_ROOT}/memory.max"]
@@ -819,8 +859,8 @@ def cgroup_memory_limit():
             else:
                 continue
             for path in paths:
-                with contextlib.suppress(OSError, ValueError):
-                    limit = open(path).read().strip()
+                with contextlib.suppress(OSError, ValueError), open(path) as file:
+                    limit = file.read().strip()
                     if limit != "max" and int(limit) < 2**62:
                         return int(limit), os.path.normpath(path)
     return None
@@ -1073,6 +1113,8 @@ def told_what_is_kept(checkpoint, model_path=None):
 
     try:
         yield
+        if signals_received:  # caught on the way and turned into an early end of the epoch (tf.data's threads)
+            raise Terminated if signals_received[-1] == signal.SIGTERM else KeyboardInterrupt
     except RunEnded as ended:
         raise RunEnded(f"{ended}; {kept()}", ended.status) from None
     except (MemoryError, tf.errors.ResourceExhaustedError):  # more than memory_needed's lower bound
@@ -1085,29 +1127,21 @@ def told_what_is_kept(checkpoint, model_path=None):
         raise RunEnded(f"interrupted; {kept()}", status) from None
 
 
-def save_without_optimizer_state(model, path):
-    """Writes `model` to `path` atomically, with an optimizer as new: Adam's state is twice the weights' size, and
-    resuming a run is the checkpoint's job."""
-    trained = model.optimizer
-    model.optimizer = type(trained).from_config(trained.get_config())
+def save_uncompiled(model, path):
+    """Writes `model` to `path` atomically, without its optimizer: Adam's state is twice the weights' size,
+    resuming a run is the checkpoint's job, and `load_trained_model` compiles what it loads."""
+    uncompiled = keras.Model(model.inputs, model.outputs, name=model.name)  # the same layers and weights
     try:
-        write_atomically(path, model.save, suffix=".keras")
+        write_atomically(path, uncompiled.save, suffix=".keras")
     except OSError as error:
         raise RunEnded(f"cannot write the model {path} ({error.strerror})") from None
-    finally:
-        model.optimizer = trained
 
 
 def load_trained_model(path, classes=None, images_per_class=None):
-    """Loads a model saved by --save_model, refusing other files and, where given, models of other episodes."""
+    """Loads a model saved by --save_model, compiled for evaluation, refusing other files and, where given,
+    models of other episodes."""
     try:
-        with warnings.catch_warnings():
-            # --save_model leaves the optimizer's state out on purpose: evaluating does without it. And a model
-            # trained with XLA runs without it under --recodex's op determinism, as it should.
-            warnings.filterwarnings("ignore", message="Skipping variable loading for optimizer")
-            warnings.filterwarnings("ignore", message="Model doesn't support `jit_compile=True`")
-            model = keras.models.load_model(path)
-        model.jit_compile = False  # as model_for_training compiles it, also if saved before it did
+        model = keras.models.load_model(path, compile=False)  # an optimizer it was saved with is of no use here
     except Exception as error:
         raise DataError(f"{path} is not a model saved by this program ({error})") from None
     if not any(isinstance(getattr(layer, "cell", None), MemoryAugmentedLSTM) for layer in model.layers):
@@ -1116,6 +1150,7 @@ def load_trained_model(path, classes=None, images_per_class=None):
     if classes and (steps, model_classes) != (episode_length(classes, images_per_class), classes):
         raise DataError(f"{path} was trained on episodes of --classes={model_classes} "
                         f"--images_per_class={steps // model_classes}: evaluate it with those flags")
+    model.compile(**loss_and_metrics(steps // model_classes))
     return model
 
 
@@ -1275,10 +1310,14 @@ def scan_steps(step, steps, carry, one_step, reverse=False):
     return carry, tf.nest.pack_sequence_as(one_step, [array.stack() for array in arrays])
 
 
+def usable_cores():
+    """The cores this process may run on."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+
+
 def cores_in_use():
-    """The cores TensorFlow runs ops on at once: --threads, else all that this process may use."""
-    return tf.config.threading.get_inter_op_parallelism_threads() or (
-        len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count())
+    """The cores TensorFlow runs ops on at once: --threads (which `main` holds to the usable cores), else all."""
+    return min(tf.config.threading.get_inter_op_parallelism_threads() or math.inf, usable_cores())
 
 
 @keras.saving.register_keras_serializable(package="learning_to_learn")

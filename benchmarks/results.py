@@ -267,6 +267,12 @@ README_ANCHORS = {"the assignment's example, 2-way": [0.6815, 0.9270, 0.9665, 0.
                   "sgdstore, 15-way": [0.114, 0.817, "", 0.912]}
 
 
+def read_text(path, newline=None):
+    """The text of the file at `path`, closed at once; bytes that are no UTF-8 read as U+FFFD."""
+    with open(path, errors="replace", newline=newline) as file:
+        return file.read()
+
+
 def read_record():
     with open(RECORD, newline="") as file:
         return {row["name"]: row for row in csv.DictReader(file)}
@@ -299,12 +305,12 @@ def scored(name):
     # Exactly this run's: the logs of its seeds' runs begin with its name too.
     pattern = rf"few-shot-{re.escape(name)}-\d+shot\.log"
     for log in sorted(file for file in os.listdir(LOGS) if re.fullmatch(pattern, file)):
-        text = open(os.path.join(LOGS, log), errors="replace").read()
+        text = read_text(os.path.join(LOGS, log))
         found = re.search(r"^(\d+-way \d+-shot): (\d+\.\d+)%", text, re.MULTILINE)
         figures[found.group(1)] = float(found.group(2))
     lake = os.path.join(LOGS, f"lake-oneshot-{name}.log")
     if os.path.exists(lake):
-        figures["Lake"] = float(re.search(r"400 test drawings of 20 runs: (\d+\.\d+)%", open(lake).read()).group(1))
+        figures["Lake"] = float(re.search(r"400 test drawings of 20 runs: (\d+\.\d+)%", read_text(lake)).group(1))
     return figures
 
 
@@ -395,13 +401,13 @@ def with_tables(text, record):
 def check():
     """The documents whose tables differ from the record (an empty list when all agree)."""
     record = read_record()
-    return [path for path in documents() if with_tables(open(path).read(), record) != open(path).read()]
+    return [path for path in documents() if with_tables(read_text(path), record) != read_text(path)]
 
 
 def write():
     record = read_record()
     for path in documents():
-        text = open(path).read()
+        text = read_text(path)
         if with_tables(text, record) != text:
             with open(path, "w") as file:
                 file.write(with_tables(text, record))
@@ -431,7 +437,7 @@ def draw(series, path):
 def last_epoch(log):
     """The validation metrics of the last epoch that a run's output shows, and the number of epochs. An episode of
     fewer than 10 drawings of a class has no 10th occurrence (nor a 5th below 5): those figures stay empty."""
-    text = open(log, errors="replace").read()
+    text = read_text(log)
     metrics = {}
     for name in METRICS:
         found = re.findall(rf"{name}: (\d+\.\d+)", text)
@@ -456,7 +462,7 @@ def run(names):
 
 def record_logs(names, note="", commit=None):
     for name in names:
-        text = open(os.path.join(LOGS, f"{name}.log"), errors="replace").read()
+        text = read_text(os.path.join(LOGS, f"{name}.log"))
         wall = re.findall(r"Elapsed \(wall clock\) time \(h:mm:ss or m:ss\): (\S+)", text)
         if not wall:
             sys.exit(f"results.py: error: {LOGS}/{name}.log holds no wall time of /usr/bin/time -v")
@@ -467,7 +473,7 @@ def record_logs(names, note="", commit=None):
 
 def compact(log):
     """Rewrites a log without the progress bar's steps and colours: of each epoch, its last line."""
-    text = re.sub(r"\x1b\[[0-9;]*m", "", open(log, errors="replace", newline="").read())  # "\r" kept
+    text = re.sub(r"\x1b\[[0-9;]*m", "", read_text(log, newline=""))  # "\r" kept
     lines = [line.split("\r")[-1] for line in text.split("\n")]
     with open(log, "w") as file:
         file.write("\n".join(line for line in lines if "val_" in line or not re.match(r"\s*\d+/\d+ ", line)))

@@ -42,7 +42,9 @@ def cpu(info=None):
     """The CPU's model name, its widest vector instructions and its bfloat16 units, from `info` (default:
     /proc/cpuinfo, where there is one): a run's speed depends on all three (`--cnn_bfloat16` on the last)."""
     try:
-        info = info or open("/proc/cpuinfo").read()
+        if info is None:
+            with open("/proc/cpuinfo") as file:
+                info = file.read()
     except OSError:
         return platform.processor()
     model = re.search(r"^model name\s*: (.*)$", info, re.MULTILINE)

@@ -14,10 +14,6 @@ sys.path.insert(0, ROOT)
 from omniglot_dataset import CACHE_FILE, DataError, Omniglot, cache_dir  # noqa: E402
 
 
-def pytest_configure(config):
-    config.addinivalue_line("markers", "slow: starts the program as a process (pytest -m 'not slow' skips it)")
-
-
 @pytest.fixture(scope="session")
 def omniglot_npz():
     """The real data set, found as the program finds it: OMNIGLOT_DATA, else the Keras cache, which the first
@@ -31,11 +27,11 @@ def omniglot_npz():
     return os.path.abspath(path)
 
 
-def run_program(*flags, data, cwd=None):
+def run_program(*flags, data, cwd=None, timeout=600):
     """Runs learning_to_learn.py with `flags` and OMNIGLOT_DATA=`data`; returns the finished process."""
     return subprocess.run([sys.executable, os.path.join(ROOT, "learning_to_learn.py"), *flags],
                           env={**os.environ, "OMNIGLOT_DATA": str(data)}, cwd=cwd,
-                          capture_output=True, text=True, timeout=600)
+                          capture_output=True, text=True, timeout=timeout)
 
 
 @pytest.fixture

@@ -14,6 +14,7 @@ import keras
 import numpy as np
 import pytest
 
+import learning_to_learn
 from conftest import ROOT, run_program
 from learning_to_learn import load_trained_model, model_for_training, parse_args
 from omniglot_dataset import DataError, Omniglot
@@ -69,6 +70,33 @@ def test_bad_flag_is_refused_by_the_parser(flag, message, capsys, monkeypatch):
         parse_args(flag.split())
     assert exit.value.code == 2
     assert capsys.readouterr().err.splitlines()[-1] == f"{os.path.basename(sys.argv[0])}: error: {message}"
+
+
+@pytest.mark.parametrize("flags, environment, refusal", [
+    ({"avx", "avx2", "fma"}, {}, "this CPU has neither AVX512F nor AVX_NE_CONVERT"),
+    ({"avx2", "avx512f"}, {"ONEDNN_MAX_CPU_ISA": "avx2"}, "ONEDNN_MAX_CPU_ISA=AVX2 leaves oneDNN no bfloat16 "
+                                                            "convolutions"),
+    ({"avx2", "avx512f"}, {"TF_ENABLE_ONEDNN_OPTS": "0"}, "TF_ENABLE_ONEDNN_OPTS turns oneDNN off"),
+    ({"avx2", "avx512f"}, {}, None), ({"avx2", "avx512f", "avx512_bf16"}, {}, None),
+    ({"avx2", "avx_ne_convert"}, {"ONEDNN_MAX_CPU_ISA": "AVX2_VNNI_2"}, None),
+])
+def test_cnn_bfloat16_is_refused_where_tensorflows_own_kernels_would_sum_in_bfloat16(flags, environment, refusal,
+                                                                                      capsys, monkeypatch):
+    # Whatever this machine's CPU: each kind of CPU and setting, as the program reads it.
+    monkeypatch.setattr(learning_to_learn, "cpu_flags", lambda: flags)
+    for name in ["ONEDNN_MAX_CPU_ISA", "TF_ENABLE_ONEDNN_OPTS"]:
+        monkeypatch.delenv(name, raising=False)
+    for name, value in environment.items():
+        monkeypatch.setenv(name, value)
+    if refusal is None:
+        assert parse_args(["--cnn_bfloat16"]).cnn_bfloat16
+        return
+    with pytest.raises(SystemExit) as exit:
+        parse_args(["--cnn_bfloat16"])
+    assert exit.value.code == 2
+    assert capsys.readouterr().err.splitlines()[-1] == (
+        f"{os.path.basename(sys.argv[0])}: error: argument --cnn_bfloat16: {refusal}: TensorFlow's own bfloat16 "
+        "kernels would convolve, slower than in float32 and with weight gradients up to a third off; leave it out")
 
 
 def assert_refused(result, message):
@@ -272,6 +300,27 @@ def test_a_cgroups_memory_limit_below_the_machines_is_the_one_a_run_is_held_to(v
     assert parse_args(["--cell_size=100"]).cell_size == 100
 
 
+def test_memory_left_is_each_limit_less_what_the_process_holds_or_maps_against_it(tmp_path, monkeypatch):
+    # RAM and a cgroup's limit bound what the process holds (VmRSS), the address space limit what it maps (VmSize).
+    import resource
+
+    import learning_to_learn
+
+    (tmp_path / "status").write_text("Name:\tpython3\nVmSize:\t 5000000 kB\nVmRSS:\t    1000 kB\n")
+    (tmp_path / "cgroup").write_text("0::/\n")
+    (tmp_path / "memory.max").write_text(f"{16 * 2**30}\n")
+    monkeypatch.setattr(learning_to_learn, "OWN_STATUS", str(tmp_path / "status"))
+    monkeypatch.setattr(learning_to_learn, "OWN_CGROUP", str(tmp_path / "cgroup"))
+    monkeypatch.setattr(learning_to_learn, "CGROUP_ROOT", str(tmp_path))
+    monkeypatch.setattr(os, "sysconf", {"SC_PAGE_SIZE": 4096, "SC_PHYS_PAGES": 6 * 2**20}.get)  # 24 GiB
+    monkeypatch.setattr(resource, "getrlimit", lambda kind: (20 * 2**30, resource.RLIM_INFINITY))
+    assert learning_to_learn.memory_limits() == [
+        (24 * 2**30 - 1000 * 1024, "this machine's RAM"),
+        (16 * 2**30 - 1000 * 1024, f"the cgroup's memory limit ({tmp_path / 'memory.max'})"),
+        (20 * 2**30 - 5000000 * 1024, "the address space limit RLIMIT_AS (ulimit -v)")]
+
+
+@pytest.mark.slow  # a process of its own, to set the limit in
 def test_an_address_space_limit_set_in_a_child_is_the_one_a_run_is_held_to():
     child = subprocess.run([sys.executable, "-c", f"""
 import resource, sys

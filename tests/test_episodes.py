@@ -2,8 +2,10 @@
 import argparse
 
 import numpy as np
+import pytest
 import tensorflow as tf
 
+import learning_to_learn
 from learning_to_learn import (
     EpisodeGenerator,
     previous_labels,
@@ -275,3 +277,41 @@ def test_rotations_make_each_turn_of_an_alphabet_an_alphabet():
     assert len(set(names)) == 8 and names[0] == names[2] != names[3] == names[5]
     indices, _ = EpisodeGenerator(rotated, 2, 1, seed=0, within_alphabet=True).sample(200)
     assert (np.sort(characters[indices] % 3, axis=1) == [0, 2]).all()
+
+
+def test_within_alphabet_reaches_the_training_episodes_and_at_share_1_draws_those_of_the_switch_it_was():
+    # The episodes that --within_alphabet drew as a switch, before it took a share: EpisodeGenerator of
+    # learning_to_learn.py at 4388f31^, seed (7, 1), of this data set. A share of 1 draws no more at random.
+    dataset = make_dataset([4] * 10)
+    dataset.alphabets = np.array(list("AACBABACAB"))
+    switch_indices = [[15, 7, 32, 38, 12, 39], [28, 7, 27, 26, 38, 18], [24, 37, 2, 20, 19, 21],
+                      [12, 7, 15, 28, 26, 8]]
+    switch_labels = [[2, 1, 0, 0, 1, 2], [1, 0, 0, 2, 2, 1], [1, 0, 0, 2, 2, 1], [0, 0, 2, 2, 1, 1]]
+    (images, previous), labels = collect(training_batches(dataset, 3, 2, batch_size=4, episodes=4, seed=7,
+                                                          epochs=range(1, 2), within_alphabet=1.0))[0]
+    np.testing.assert_array_equal(images[..., 0, 0, 0], switch_indices)  # an image's pixels are its index
+    np.testing.assert_array_equal(labels, switch_labels)
+
+
+def test_main_trains_on_the_episodes_its_flags_ask_for(omniglot_npz, monkeypatch):
+    # main sets TensorFlow's threads, which a process sets once, before its first op: here they are set.
+    monkeypatch.setattr(tf.config.threading, "set_inter_op_parallelism_threads", lambda threads: None)
+    monkeypatch.setattr(tf.config.threading, "set_intra_op_parallelism_threads", lambda threads: None)
+    handed = []
+
+    class Handed(Exception):
+        pass
+
+    def spy(*arguments, **keywords):
+        handed.append((arguments, keywords))
+        raise Handed
+
+    monkeypatch.setattr(learning_to_learn, "training_batches", spy)
+    flags = ["--classes=3", "--images_per_class=2", "--lstm_dim=4", "--cell_size=2", "--test_episodes=4",
+             "--rotations", "--within_alphabet=0.5", "--shift=2", "--first_occurrence_weight=2", "--seed=9"]
+    with pytest.raises(Handed):
+        learning_to_learn.main(learning_to_learn.parse_args(flags))
+    [((dataset, classes, images_per_class, batch_size, episodes, seed), keywords)] = handed
+    assert (classes, images_per_class, batch_size, episodes, seed) == (3, 2, 16, 10000, 9)
+    assert len(np.unique(dataset.data["labels"])) == 4 * 964  # the background characters, each turned 4 ways
+    assert keywords == {"epochs": range(0, 20), "shift": 2, "first_occurrence_weight": 2.0, "within_alphabet": 0.5}

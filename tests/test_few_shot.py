@@ -100,7 +100,7 @@ def test_the_confidence_interval_is_over_tasks():
 
 def test_the_programs_model_is_causal_so_a_query_sees_only_the_support():
     model = model_for_training(parse_args(["--classes=3", "--images_per_class=2", "--lstm_dim=8", "--cell_size=4",
-                                 "--read_heads=2", "--feature_match", "--feature_labels"]))
+                                 "--read_heads=2", "--feature_match", "--feature_labels"]), fused=False)
     rng = np.random.default_rng(4)
     images, previous = rng.random([2, 6, 28, 28, 1], dtype=np.float32), np.array([[-1, 0, 1, 2, 0, 1]] * 2, np.int32)
     later = images.copy(), previous.copy()
@@ -110,10 +110,14 @@ def test_the_programs_model_is_causal_so_a_query_sees_only_the_support():
     assert not np.allclose(after[:, 3:], before[:, 3:], atol=1e-3)
 
 
-@pytest.mark.parametrize("flags", [[], ["--read_heads=2", "--feature_match", "--feature_labels"]])
+# The scorer reads from the cell's input size which of the inputs the model has: each set of them. The plain
+# recurrence, the fused one's function (test_model.py) compiled in less time: the shipped models, fused, are
+# scored in test_program.py.
+@pytest.mark.parametrize("flags", [[], ["--feature_labels"], ["--feature_match"],
+                                   ["--read_heads=2", "--feature_match", "--feature_labels"]])
 def test_the_programs_model_answers_from_its_support_state_as_from_a_whole_episode(flags):
     model = model_for_training(parse_args(["--classes=3", "--images_per_class=4", "--lstm_dim=8", "--cell_size=4",
-                                           *flags]))
+                                           *flags]), fused=False)
     assert few_shot.memory_recurrence(model) is not None
     dataset = noise_dataset()
     support, support_labels, query, _ = few_shot.draw_tasks(dataset, ways=3, shots=2, queries=1, count=5, seed=6)
@@ -129,8 +133,9 @@ def test_the_programs_model_answers_from_its_support_state_as_from_a_whole_episo
 
 
 def test_prototypes_answer_with_the_class_whose_drawings_point_the_same_way():
-    # Features of four images: two of class 0 along x and y, one of class 1 along z; hand-computed cosines.
-    features = np.array([[1, 0, 0], [0, 1, 0], [0, 0, 2], [1, 1, 0.5]], np.float32)
+    # Features of four images: two of class 0 along x and y, of lengths 3 and 1 (their plain mean would point
+    # along (3, 1, 0)), one of class 1 along z; hand-computed cosines.
+    features = np.array([[3, 0, 0], [0, 1, 0], [0, 0, 2], [1, 1, 0.5]], np.float32)
     support, support_labels = np.array([[0, 1, 2]]), np.array([[0, 0, 1]])
     similarities = few_shot.prototype_similarities(features, support, support_labels, np.array([[3, 2]]), ways=2)
     # Prototype 0: (x + y) / sqrt(2); prototype 1: z. Query 3, (1, 1, 0.5) / 1.5: cosines 2 / (1.5 sqrt(2)), 1 / 3.

@@ -77,6 +77,40 @@ def test_the_cnn_alone_matches_each_test_drawing_to_its_very_training_drawing(wr
         assert wrongs.shape == (20,) and wrongs.mean() == error
 
 
+def test_each_order_labels_the_training_drawings_anew_and_every_drawing_comes_as_training_images_come(
+        tmp_path, monkeypatch):
+    # Training's images are ink from 0 to 1 (Omniglot), Lake's drawings ink from 0 to 255 (read_runs).
+    hand_made_runs(tmp_path / "all_runs.zip", runs=1)
+    [(training, test, answers)] = lake.read_runs(tmp_path / "all_runs.zip").values()
+    as_training = np.concatenate([training, test]).astype(np.float32) / 255
+    asked = []
+
+    def answer_queries(model, images, support, support_labels, query):
+        asked.append((images, support, support_labels, query))
+        return np.full([*query.shape, 25], 1 / 25)
+
+    monkeypatch.setattr(lake, "answer_queries", answer_queries)
+    lake.errors_of_run(nearest_neighbour_model(steps=21, classes=25), training, test, answers, orders=4,
+                       rng=np.random.default_rng(0))
+    [(images, support, support_labels, query)] = asked
+    np.testing.assert_array_equal(images, as_training)
+    np.testing.assert_array_equal(query, np.tile(np.arange(20, 40), (4, 1)))  # the test drawings, after the 20
+    label_of_drawing = np.zeros([4, 20], int)
+    np.put_along_axis(label_of_drawing, support, support_labels, axis=1)
+    for order in range(4):
+        assert sorted(support[order]) == list(range(20)), "each training drawing once"
+        assert len(set(label_of_drawing[order])) == 20 and label_of_drawing[order].max() < 25
+    assert len({tuple(labels) for labels in label_of_drawing}) == 4, "each order a labelling of its own"
+    assert len({tuple(order) for order in support}) == 4, "each order an order of its own"
+
+    class ImageFeatures:
+        def predict(self, images, verbose=0):
+            np.testing.assert_array_equal(images, as_training)
+            return images.reshape(len(images), -1)
+
+    assert lake.prototype_errors_of_run(ImageFeatures(), training, test, answers).mean() == 0
+
+
 def test_the_runs_come_from_omniglot_runs_else_the_cache_checked_by_their_md5(serve, tmp_path, monkeypatch):
     monkeypatch.setenv("OMNIGLOT_RUNS", str(tmp_path / "none.zip"))
     with pytest.raises(DataError, match="OMNIGLOT_RUNS names .*none.zip, which is no file"):

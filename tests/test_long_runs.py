@@ -6,6 +6,7 @@ Read-only and full file systems are tmpfs mounts, tried only where the tests run
 import contextlib
 import ctypes
 import errno
+import json
 import os
 import re
 import shutil
@@ -31,7 +32,7 @@ from learning_to_learn import (
     parser,
     print_unless_interrupted,
     run_flags,
-    save_without_optimizer_state,
+    save_uncompiled,
     steps_per_epoch,
     told_what_is_kept,
 )
@@ -402,6 +403,28 @@ def test_a_switch_of_an_earlier_version_that_is_now_a_share_resumes_as_one(writt
                 checkpoint.claim()
 
 
+def test_a_checkpoint_naming_a_flag_this_build_no_longer_has_resumes(written_checkpoint, tmp_path):
+    path = tmp_path / "checkpoint.npz"
+    path.write_bytes(written_checkpoint)
+    with np.load(path) as saved:
+        written = dict(saved)
+    run = json.loads(str(written.pop("run")))
+    np.savez(path, **written, run=np.array(json.dumps({**run, "read_match": True, "memory_layout": "rows"})))
+    model, checkpoint = checkpointed_model(parse_args(TINY), tmp_path)
+    assert checkpoint.restore(model) == 1
+
+
+def test_the_command_of_a_finished_run_says_its_epochs_are_done(tmp_path, capsys):
+    args = parse_args([*TINY, "--epochs=2"])
+    model, checkpoint = checkpointed_model(args, tmp_path)
+    model.optimizer.build(model.trainable_variables)
+    checkpoint.on_epoch_end(1)  # the last epoch
+    release(checkpoint)
+    resumed, checkpoint = checkpointed_model(args, tmp_path)
+    assert checkpoint.restore(resumed) == 2
+    assert capsys.readouterr().err.splitlines()[-1] == f"2 epochs are done in {tmp_path}: nothing to train."
+
+
 def test_every_flag_of_the_run_changed_on_resume_is_refused_by_name(written_checkpoint, tmp_path):
     saved = run_flags(parse_args([*TINY, "--learning_rate_decay=cosine"]))
     assert set(saved) == {flag for flag, role in FLAGS.items() if role.of_the_run}
@@ -493,13 +516,27 @@ def test_an_interruption_that_tensorflow_turned_into_another_error_still_ends_as
     assert ended.value.status == status
 
 
+@pytest.mark.parametrize("sent, status", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_an_interruption_that_tensorflow_swallowed_still_ends_as_one(sent, status, monkeypatch):
+    # Raised in a thread of tf.data's, KeyboardInterrupt can end fit's epoch early, as if the episodes ran out.
+    monkeypatch.setattr("learning_to_learn.signals_received", [])
+    with told_what_is_kept(None):
+        pass
+    with pytest.raises(RunEnded, match="^interrupted; nothing was saved$") as ended, told_what_is_kept(None):
+        try:
+            interrupt(sent, None)
+        except KeyboardInterrupt:
+            pass
+    assert ended.value.status == status
+
+
 def test_a_signal_while_the_model_moves_into_place_says_it_is_saved(tmp_path, monkeypatch):
     model = model_for_training(parse_args(TINY))
     interrupted_after_the_rename(monkeypatch, Terminated())
     path = str(tmp_path / "model.keras")
     with pytest.raises(RunEnded, match=f"^interrupted; the trained model is in {path}$"):
         with told_what_is_kept(None, path):
-            save_without_optimizer_state(model, path)
+            save_uncompiled(model, path)
     assert os.listdir(tmp_path) == ["model.keras"]
     with pytest.raises(RunEnded, match="^interrupted; nothing was saved$"):
         with told_what_is_kept(None, path):  # the model of an earlier run is not this one's

@@ -130,9 +130,12 @@ def test_read_weights_cells_by_softmax_of_cosine_similarity():
                                rtol=1e-6)
 
 
+# Each case compiles for seconds: the fast suite takes four that hold every kind of memory, head count and core
+# count between them; the whole suite all six.
 @pytest.mark.parametrize("read_heads, memory_cells, read_sharpness, jit_compile, memory, cores", [
-    (1, 7, 1.0, False, "random", 1), (3, 4, 5.0, True, "random", 2), (0, 7, 1.0, True, "random", 3),
-    (2, 7, 3.0, False, "tiny cell", 2), (1, 7, 1.0, True, "tiny cell", 5), (2, 7, 5.0, False, "empty", 1)])
+    pytest.param(1, 7, 1.0, False, "random", 1, marks=pytest.mark.slow), (3, 4, 5.0, True, "random", 2),
+    (0, 7, 1.0, False, "random", 3), pytest.param(2, 7, 3.0, False, "tiny cell", 2, marks=pytest.mark.slow),
+    (1, 7, 1.0, True, "tiny cell", 5), (2, 7, 5.0, False, "empty", 1)])
 def test_fused_layer_matches_numpy_and_the_cell_loops_automatic_gradients(read_heads, memory_cells, read_sharpness,
                                                                          jit_compile, memory, cores, monkeypatch):
     # 7 steps: with 4 cells old cells drop; 0 heads is the LSTM-only baseline; a tiny cell has its norm floored.
@@ -198,3 +201,22 @@ def test_fused_layer_with_more_cores_than_episodes_of_a_batch_unknown_until_run(
     np.testing.assert_allclose(outputs, numpy_recurrence(cell, inputs, *zeros[:3],
                                                          zeros[3].reshape(1, memory_cells, cell_size))[0], atol=1e-5)
     assert gradient.shape == inputs.shape and np.all(np.isfinite(gradient))
+
+
+@pytest.mark.parametrize("threads, graded, loops", [(1000, False, 2), (1000, True, 1)])
+def test_the_fused_layer_runs_a_loop_a_usable_core_and_graded_runs_one(threads, graded, loops, monkeypatch):
+    # 2 cores: --threads above them would only make loops that take turns on them; graded runs keep one loop
+    # whatever the cores, so that their lines do not depend on them.
+    monkeypatch.setattr(learning_to_learn, "usable_cores", lambda: 2)
+    monkeypatch.setattr(tf.config.threading, "get_inter_op_parallelism_threads", lambda: threads)
+    monkeypatch.setattr(learning_to_learn, "is_op_determinism_enabled", lambda: graded)
+    recurrence, episodes_of_each_loop = MemoryAugmentedRNN._recurrence, []
+
+    def counted(self, projected, *state_and_weights):
+        episodes_of_each_loop.append(projected.shape[1])
+        return recurrence(self, projected, *state_and_weights)
+
+    monkeypatch.setattr(MemoryAugmentedRNN, "_recurrence", counted)
+    rnn = MemoryAugmentedRNN(MemoryAugmentedLSTM(units=3, memory_cells=2, cell_size=2, read_heads=1))
+    rnn(np.zeros([4, 2, 3], np.float32))
+    assert episodes_of_each_loop == [4 // loops] * loops

@@ -1,7 +1,11 @@
 """The whole model: what enters the recurrence, the fused recurrence against plain keras.layers.RNN, saving."""
 import argparse
-import os
+import io
+import json
+import warnings
+import zipfile
 
+import h5py
 import keras
 import numpy as np
 import pytest
@@ -13,7 +17,7 @@ from learning_to_learn import (
     MemoryAugmentedRNN,
     model_for_training,
     parse_args,
-    save_without_optimizer_state,
+    save_uncompiled,
     training_batches,
 )
 
@@ -111,8 +115,32 @@ def test_the_assignments_cnn_normalizes_as_keras_does_in_graded_runs_and_the_pla
     assert normalization(["--cnn_pooling"]) is normalization(["--cnn_pooling"], fused=False) is FusedBatchNormalization
 
 
+@tf.custom_gradient
+def stored_in_bfloat16(x):
+    """`x` rounded as a bfloat16 tensor stores it, and its gradient rounded so too."""
+    return tf.cast(tf.cast(x, tf.bfloat16), x.dtype), lambda gradient: tf.cast(tf.cast(gradient, tf.bfloat16),
+                                                                              gradient.dtype)
+
+
+def bfloat16_arithmetic(cnn, images):
+    """`cnn` of float32 weights in float32 arithmetic, rounding to bfloat16 every tensor that a bfloat16 CNN
+    stores: the images, the weights as used, every layer's output, and every gradient on the way back."""
+    x = stored_in_bfloat16(images)
+    for layer in cnn.layers:
+        if isinstance(layer, keras.layers.Conv2D):
+            kernel = stored_in_bfloat16(tf.identity(layer.kernel))
+            x = tf.nn.conv2d(x, kernel, layer.strides, layer.padding.upper())
+        else:
+            x = layer(x, training=True)
+        x = stored_in_bfloat16(x)
+    return x
+
+
+@pytest.mark.skipif(learning_to_learn.bfloat16_convolutions_problem() is not None,
+                    reason="--cnn_bfloat16 needs oneDNN's bfloat16 convolutions: a CPU with AVX512F or "
+                           "AVX_NE_CONVERT; elsewhere it is refused (test_bad_input.py)")
 @pytest.mark.parametrize("pooling", [(), ("--cnn_pooling",)])
-def test_cnn_bfloat16_computes_the_float32_cnns_features_and_gradients_to_bfloat16s_precision(pooling):
+def test_cnn_bfloat16_stores_bfloat16_and_sums_in_float32(pooling):
     flags = [*TINY, *pooling, "--cnn_filters=4,6"]
     keras.utils.set_random_seed(0)
     cnns = [model_for_training(parse_args(flags + extra)).get_layer("image_features")
@@ -122,22 +150,18 @@ def test_cnn_bfloat16_computes_the_float32_cnns_features_and_gradients_to_bfloat
     images = tf.constant(rng.random([8, 28, 28, 1], dtype=np.float32))
     weights = rng.normal(size=[8, cnns[0].output.shape[-1]]).astype(np.float32)
     results = []
-    for cnn in cnns:
+    for cnn, features_of in [(cnns[0], bfloat16_arithmetic), (cnns[1], lambda cnn, x: cnn(x, training=True))]:
         with tf.GradientTape() as tape:
-            features = cnn(images, training=True)
+            features = features_of(cnn, images)
             loss = tf.reduce_sum(features * weights)
         results.append([features, *tape.gradient(loss, cnn.trainable_variables)])
     # The activations in between are bfloat16, what goes in and out and every weight float32.
     assert cnns[1].layers[0].compute_dtype == "bfloat16" and cnns[1].output.dtype == "float32"
     assert {weight.dtype for weight in cnns[1].weights} == {"float32"}
-    features = results[0][0].numpy()
-    assert not np.array_equal(results[1][0].numpy(), features)
-    # bfloat16 keeps 8 bits of mantissa, 0.4%: the features stay within a few %; the gradients, sums of many
-    # rounded products through the normalisation's cancellations, keep their direction.
-    np.testing.assert_allclose(results[1][0].numpy(), features, atol=0.03 * np.abs(features).max())
-    for single, half in zip(results[0][1:], results[1][1:], strict=True):
-        single, half = np.ravel(single), np.ravel(half)
-        assert single @ half / np.linalg.norm(single) / np.linalg.norm(half) > 0.97
+    # Summed in another order, a float32 sum may round to the next bfloat16 (2**-8 of the largest entry) and
+    # carry that on; sums in bfloat16 (TensorFlow's own kernels) put the first layer's gradients 20-35% off.
+    for expected, actual in zip(*results, strict=True):
+        np.testing.assert_allclose(actual, expected, rtol=0, atol=2**-8 * np.abs(expected).max())
 
 
 def test_feature_match_gives_each_step_its_best_cosine_with_the_earlier_images_features():
@@ -201,20 +225,34 @@ def test_fused_and_plain_recurrence_give_the_same_predictions_and_gradients(flag
         np.testing.assert_allclose(value, reference, rtol=1e-4, atol=1e-5 * np.abs(reference).max())
 
 
-def test_saved_model_loads_with_plain_keras_and_predicts_the_same_without_adams_state(tmp_path):
+def test_the_votes_sharpness_is_trained():
+    model = model_for_training(parse_args([*TINY, "--feature_labels"]), fused=False)
+    sharpness = model.get_layer("earlier_label_vote").sharpness
+    images, previous = episode_inputs(2, np.random.default_rng(0))
+    labels = np.array([[2, 0, 1, 2, 0, 1], [0, 0, 1, 1, 2, 2]])
+    with tf.GradientTape() as tape:
+        loss = model.loss(labels, model([images, previous], training=True))
+    gradients = tape.gradient(loss, model.trainable_variables)
+    [gradient] = [gradient for variable, gradient in zip(model.trainable_variables, gradients, strict=True)
+                  if variable is sharpness]
+    assert gradient is not None and float(gradient) != 0
+
+
+def test_saved_model_loads_with_plain_keras_quietly_and_predicts_the_same_without_an_optimizer(tmp_path):
     args = parse_args([*TINY, "--read_heads=2", "--read_sharpness=3", "--feature_match", "--feature_labels",
-                       "--cnn_filters=4,6,8", "--learning_rate=0.003"])
+                       "--cnn_filters=4,6,8"])
     model = model_for_training(args)
     model.get_layer("earlier_label_vote").sharpness.assign(4.5)  # not its initial value
+    path = tmp_path / "model.keras"
+    save_uncompiled(model, str(path))
+    assert model.compiled  # the model in training keeps its optimizer
+    with zipfile.ZipFile(path) as archive, h5py.File(io.BytesIO(archive.read("model.weights.h5"))) as weights:
+        assert "optimizer" not in weights and not json.loads(archive.read("config.json")).get("compile_config")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)  # as Keras warns of saved optimizer state it cannot load
+        loaded = keras.models.load_model(path)
+    assert not loaded.compiled
     inputs = episode_inputs(2, np.random.default_rng(0))
-    model.fit(inputs, np.zeros([2, 6]), verbose=0)  # Adam's moments: two more arrays of each weight's size
-    trained = model.optimizer
-    model.save(tmp_path / "with_adam.keras")
-    save_without_optimizer_state(model, str(tmp_path / "model.keras"))
-    assert model.optimizer is trained and int(trained.iterations) == 1
-    weights = sum(weight.numpy().nbytes for weight in model.weights)
-    assert os.path.getsize(tmp_path / "with_adam.keras") > os.path.getsize(tmp_path / "model.keras") + weights
-    loaded = keras.models.load_model(tmp_path / "model.keras")
     np.testing.assert_allclose(loaded.predict(inputs, verbose=0), model.predict(inputs, verbose=0), atol=1e-6)
     assert [(layer.cell.read_heads, layer.cell.read_sharpness) for layer in loaded.layers
             if hasattr(layer, "cell")] == [(2, 3.0)]
@@ -222,9 +260,7 @@ def test_saved_model_loads_with_plain_keras_and_predicts_the_same_without_adams_
     assert [layer.filters for layer in cnn.layers if isinstance(layer, keras.layers.Conv2D)] == [4, 6, 8]
     # 3x3 valid convolutions of stride 2 take 28 pixels to 13, 6 and 2: 2 x 2 x 8 features.
     assert cnn.output.shape[-1] == 2 * 2 * 8
-    assert float(loaded.optimizer.learning_rate) == pytest.approx(0.003)
-    assert float(loaded.get_layer("earlier_label_vote").sharpness) == float(model.get_layer("earlier_label_vote")
-                                                                            .sharpness) != 10
+    assert float(loaded.get_layer("earlier_label_vote").sharpness) == 4.5
 
 
 def test_cosine_decay_takes_the_learning_rate_to_zero_at_the_last_step():
@@ -245,7 +281,7 @@ def test_first_occurrence_weight_multiplies_the_loss_of_first_drawings_in_the_me
     batches = training_batches(dataset, args.classes, args.images_per_class, batch_size=4, episodes=4, seed=3,
                                epochs=range(1), first_occurrence_weight=args.first_occurrence_weight)
     (images, previous), labels, _ = next(iter(batches))
-    model = model_for_training(args)
+    model = model_for_training(args, fused=False)  # the fused recurrence's function, compiled in less time
     predictions = model([images, previous], training=True).numpy()  # what fit's one step sees before it learns
 
     cross_entropy = -np.log(np.take_along_axis(predictions, labels.numpy()[..., None], axis=-1)[..., 0])
