@@ -202,8 +202,9 @@ def test_feature_labels_give_each_step_the_softmax_vote_of_the_earlier_images_la
     assert best_match.max() <= 1 + 1e-5  # the best match still comes before the vote
 
 
-@pytest.mark.parametrize("flags", [["--read_heads=2", "--read_sharpness=3"], ["--read_heads=0"],
-                                   ["--read_heads=2", "--feature_match", "--feature_labels"]])
+# Each case compiles for seconds: the fast suite takes the one of every input and read.
+@pytest.mark.parametrize("flags", [["--read_heads=2", "--read_sharpness=3", "--feature_match", "--feature_labels"],
+                                   pytest.param(["--read_heads=0"], marks=pytest.mark.slow)])
 def test_fused_and_plain_recurrence_give_the_same_predictions_and_gradients(flags):
     args = parse_args([*TINY, *flags])
     keras.utils.set_random_seed(0)
@@ -241,7 +242,8 @@ def test_the_votes_sharpness_is_trained():
 def test_saved_model_loads_with_plain_keras_quietly_and_predicts_the_same_without_an_optimizer(tmp_path):
     args = parse_args([*TINY, "--read_heads=2", "--read_sharpness=3", "--feature_match", "--feature_labels",
                        "--cnn_filters=4,6,8"])
-    model = model_for_training(args)
+    # The plain recurrence, compiled in less time: the shipped models, of the fused one, load in test_program.py.
+    model = model_for_training(args, fused=False)
     model.get_layer("earlier_label_vote").sharpness.assign(4.5)  # not its initial value
     path = tmp_path / "model.keras"
     save_uncompiled(model, str(path))
