@@ -81,9 +81,9 @@ def test_killed_run_resumes_and_ends_like_an_uninterrupted_one(omniglot_npz, tmp
                           f"--save_model={tmp_path / 'model.keras'}").splitlines()
     assert resumed == uninterrupted[1:], "the resumed run must print only the epochs it trains, identically"
 
-    # The saved model holds no optimizer state, and gives the last epoch's validation metrics again.
+    # The saved model holds no optimizer, and gives the last epoch's validation metrics again.
     with zipfile.ZipFile(tmp_path / "model.keras") as archive, h5py.File(archive.open("model.weights.h5")) as weights:
-        assert len(weights["optimizer"]["vars"]) <= 2, "Adam's moments were saved"  # its step count and rate at most
+        assert "optimizer" not in weights
     evaluation = graded_output(omniglot_npz, "--recodex", "--classes=2", "--test_episodes=160",
                              f"--evaluate={tmp_path / 'model.keras'}").splitlines()
     last = uninterrupted[-1]
