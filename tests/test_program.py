@@ -138,13 +138,12 @@ def test_images_per_class_below_ten_reports_no_acc10(omniglot_npz):
 SHIPPED_MODELS = sorted(glob.glob(os.path.join(ROOT, "benchmarks", "models", "*.keras")))
 
 
-@pytest.mark.slow
-def test_the_best_recipes_model_ships_and_evaluates_to_its_runs_last_epoch(omniglot_npz):
-    best_run = next(line.split('"')[1] for line in open(os.path.join(ROOT, "benchmarks", "results.py"))
-                    if line.startswith("BEST_RUN = "))
+def test_the_best_recipes_model_ships():
+    # and so evaluates to its run's last epoch in the next test
+    with open(os.path.join(ROOT, "benchmarks", "results.py")) as results:
+        best_run = next(line.split('"')[1] for line in results if line.startswith("BEST_RUN = "))
     path = os.path.join(ROOT, "benchmarks", "models", f"{best_run}.keras")
     assert path in SHIPPED_MODELS, f"the headline's model {path} must ship"
-    assert_evaluates_to_its_runs_last_epoch(omniglot_npz, path)
 
 
 @pytest.mark.slow
