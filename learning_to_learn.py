@@ -15,9 +15,8 @@ Usage: python3 learning_to_learn.py --classes=5 --epochs=20
 
 The file reads top to bottom as the method: flags, episodes, the metric, the
 memory cell, the model, training, `main`. After `main` come what long runs
-need (checks of flags and files, checkpoints, signals), the graded lines,
-TensorBoard's pictures, and the fused recurrence: the same cell, faster, by
-a hand-written backward pass.
+need (checks, checkpoints, signals), the graded lines, TensorBoard's pictures
+and the fused recurrence: the same cell, faster, by a hand-written backward pass.
 """
 import os
 import signal
@@ -116,8 +115,7 @@ add_flag(model_flags, "cnn_pooling", default=False, action="store_true",
          help="Convolve with stride 1 and 'same' padding, then max-pool by 2: with --cnn_filters=64,64,64,64 the "
               "standard few-shot encoder.")
 add_flag(model_flags, "cnn_bfloat16", default=False, action="store_true",
-         help="The CNN in bfloat16, its weights float32: --cnn_pooling's faster with AMX or AVX512_BF16; refused on "
-              "a CPU without AVX512F or AVX_NE_CONVERT, where it would be slower and imprecise.")
+         help="The CNN in bfloat16 (weights float32): faster with AMX or AVX512_BF16; needs AVX512F or AVX_NE_CONVERT.")
 add_flag(model_flags, "lstm_dim", default=256, type=int, least=1, metavar="N", help="Units of the LSTM controller.")
 add_flag(model_flags, "cell_size", default=40, type=int, least=1, metavar="N", help="Units of one memory cell.")
 add_flag(model_flags, "read_heads", default=1, type=int, least=0, metavar="N", help="Memory reads per step.")
@@ -141,7 +139,7 @@ add_flag(training, "epochs", default=20, type=int, least=1, metavar="N", help="T
 add_flag(training, "seed", training_only=False, default=42, type=int, least=0, most=2**32 - 1, metavar="N",
          help="Random seed of the weights and training episodes, 0 to 2**32 - 1.")
 add_flag(training, "threads", of_the_run=False, training_only=False, default=None, type=int, least=0, metavar="N",
-         help="CPU threads, 0 for all cores (default: 0; 1 with --recodex).")
+         help="CPU threads, at most the cores this process may use; 0 for all (default: 0; 1 with --recodex).")
 add_flag(training, "checkpoint_dir", of_the_run=False, default=None, metavar="DIR",
          help="Save after every epoch here; the same command run again resumes after the last epoch.")
 output = parser.add_argument_group("output")
@@ -554,10 +552,9 @@ def build_model(classes, images_per_class, cnn_filters=(8, 16, 32), cnn_pooling=
                 lstm_dim=256, cell_size=40, read_heads=1, read_sharpness=1.0, feature_match=False,
                 feature_labels=False, fused=True):
     """The model of episodes of `classes` x `images_per_class` steps, not compiled: CNN, memory cell, softmax at
-    every step. The defaults are the assignment's; each argument is the flag of its name.
-
-    `fused=False` runs the cell with plain `keras.layers.RNN`, step by step with automatic gradients, and the
-    assignment's CNN normalising in Keras's layers, as deterministic (graded) runs do: the same function, slower."""
+    every step. The defaults are the assignment's; each argument is the flag of its name. `fused=False` runs the
+    cell with plain `keras.layers.RNN`, step by step with automatic gradients, and the assignment's CNN normalising
+    in Keras's layers, as deterministic (graded) runs do: the same function, slower."""
     steps = episode_length(classes, images_per_class)
     images = keras.Input([steps, Omniglot.H, Omniglot.W, Omniglot.C], name="images")
     labels = keras.Input([steps], dtype="int32", name="previous_labels")
@@ -601,19 +598,16 @@ def model_for_training(args, fused=True):
 
 
 def loss_and_metrics(images_per_class):
-    """What `compile` needs besides the optimizer, for episodes of `images_per_class` drawings of each class."""
-    return dict(loss=keras.losses.SparseCategoricalCrossentropy(),
-                metrics=[keras.metrics.SparseCategoricalAccuracy(name="acc"),
-                         *[NthOccurrenceAccuracy(nth) for nth in reported_occurrences(images_per_class)]],
-                # XLA compiles the recurrence's loops alone (MemoryAugmentedRNN): the CNN's convolutions run
-                # faster in TensorFlow's own CPU kernels than in XLA's.
-                jit_compile=False)
+    """What `compile` needs besides the optimizer, for episodes of `images_per_class` drawings of each class. XLA
+    compiles the recurrence's loops alone (MemoryAugmentedRNN): TensorFlow's own CPU kernels convolve faster."""
+    nth_occurrences = [NthOccurrenceAccuracy(nth) for nth in reported_occurrences(images_per_class)]
+    return dict(loss=keras.losses.SparseCategoricalCrossentropy(), jit_compile=False,
+                metrics=[keras.metrics.SparseCategoricalAccuracy(name="acc"), *nth_occurrences])
 
 
 def main(args, callbacks=()):
     """Trains as `args` say, or evaluates; returns the last epoch's metrics by name. `callbacks` join fit's."""
-    threads = args.threads if args.threads is not None else int(args.recodex)
-    threads = min(threads, usable_cores())  # threads beyond the cores only take turns on them (0 stays: all)
+    threads = min(int(args.recodex) if args.threads is None else args.threads, usable_cores())  # more take turns
     tf.config.threading.set_inter_op_parallelism_threads(threads)
     tf.config.threading.set_intra_op_parallelism_threads(threads)
     keras.utils.set_random_seed(args.seed)  # seeds the weight initializers too
