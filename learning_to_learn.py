@@ -902,6 +902,13 @@ def interrupt(signal_number, frame):
     raise Terminated if signal_number == signal.SIGTERM else KeyboardInterrupt
 
 
+def raise_swallowed_interruption():
+    """Raises the interruption a signal began where TensorFlow caught it on the way: in a thread of tf.data's it
+    ends fit's or evaluate's epoch early, as if the episodes ran out."""
+    if signals_received:
+        raise Terminated if signals_received[-1] == signal.SIGTERM else KeyboardInterrupt
+
+
 def print_unless_interrupted(kind, error, traceback):
     """`sys.excepthook`, which C code calls to print an exception it caught: after a signal that is the
     interruption in another form (TensorFlow printed a SystemError so), and the program's last line says it."""
@@ -1107,8 +1114,7 @@ def told_what_is_kept(checkpoint, model_path=None):
 
     try:
         yield
-        if signals_received:  # caught on the way and turned into an early end of the epoch (tf.data's threads)
-            raise Terminated if signals_received[-1] == signal.SIGTERM else KeyboardInterrupt
+        raise_swallowed_interruption()
     except RunEnded as ended:
         raise RunEnded(f"{ended}; {kept()}", ended.status) from None
     except (MemoryError, tf.errors.ResourceExhaustedError):  # more than memory_needed's lower bound
@@ -1462,6 +1468,7 @@ if __name__ == "__main__":
     sys.excepthook = print_unless_interrupted
     try:
         main(parse_args())
+        raise_swallowed_interruption()  # --evaluate's too
     except DataError as error:
         leave(2, f"error: {error}")
     except RunEnded as ended:
