@@ -92,7 +92,7 @@ def test_killed_run_resumes_and_ends_like_an_uninterrupted_one(omniglot_npz, tmp
 
 def test_threads_beyond_the_cores_run_as_the_cores_do(omniglot_npz, tmp_path):
     # In the fast suite although a process: it takes seconds, where a loop of the fused recurrence for each of
-    # 1000 threads took more than 600 s and 22 GB of address space on 2 cores.
+    # 1000 threads ran past 120 s here (a training run past 600 s, mapping 22 GB).
     episodes = ["--classes=2", "--images_per_class=2"]
     save_uncompiled(model_for_training(parse_args([*episodes, "--lstm_dim=4", "--cell_size=2"])),
                     str(tmp_path / "model.keras"))
