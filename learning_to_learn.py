@@ -607,7 +607,7 @@ def loss_and_metrics(images_per_class):
 
 def main(args, callbacks=()):
     """Trains as `args` say, or evaluates; returns the last epoch's metrics by name. `callbacks` join fit's."""
-    threads = min(int(args.recodex) if args.threads is None else args.threads, usable_cores())  # more take turns
+    threads = min(int(args.recodex) if args.threads is None else args.threads, usable_cores())  # more wait their turn
     tf.config.threading.set_inter_op_parallelism_threads(threads)
     tf.config.threading.set_intra_op_parallelism_threads(threads)
     keras.utils.set_random_seed(args.seed)  # seeds the weight initializers too
