@@ -131,8 +131,8 @@ def test_read_weights_cells_by_softmax_of_cosine_similarity():
 
 
 # Each case compiles for seconds: the fast suite takes two that hold every kind of memory and a split of the
-# episodes between them (and the next test a share left empty); the whole suite all eight, the layer inside XLA's
-# own compilation too (jit_compile), as a user's model compiled so runs it.
+# episodes between them; the whole suite all eight, the layer inside XLA's own compilation too (jit_compile), as
+# a user's model compiled so runs it, and the next test a share left empty.
 @pytest.mark.parametrize("read_heads, memory_cells, read_sharpness, jit_compile, memory, cores", [
     pytest.param(1, 7, 1.0, False, "random", 1, marks=pytest.mark.slow), (3, 4, 5.0, False, "random", 2),
     pytest.param(3, 4, 5.0, True, "random", 2, marks=pytest.mark.slow),
@@ -184,6 +184,7 @@ def test_fused_layer_matches_numpy_and_the_cell_loops_automatic_gradients(read_h
         np.testing.assert_allclose(actual, expected, atol=1e-5)
 
 
+@pytest.mark.slow  # compiles for seconds; the fast suite splits a batch in the test above
 def test_fused_layer_with_more_cores_than_episodes_of_a_batch_unknown_until_run(monkeypatch):
     # A batch whose size the graph does not know, as fit's last batch: 2 cores and 1 episode leave one share empty.
     monkeypatch.setattr(learning_to_learn, "cores_in_use", lambda: 2)
