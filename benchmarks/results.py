@@ -401,7 +401,7 @@ def with_tables(text, record):
 def check():
     """The documents whose tables differ from the record (an empty list when all agree)."""
     record = read_record()
-    return [path for path in documents() if with_tables(read_text(path), record) != read_text(path)]
+    return [path for path in documents() if with_tables(text := read_text(path), record) != text]
 
 
 def write():
