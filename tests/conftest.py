@@ -5,6 +5,7 @@ import subprocess
 import sys
 import threading
 
+import keras
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -12,6 +13,9 @@ SHARED_OMNIGLOT = os.path.join(ROOT, "..", "shared", "omniglot")  # this project
 sys.path.insert(0, ROOT)
 
 from omniglot_dataset import CACHE_FILE, DataError, Omniglot, cache_dir  # noqa: E402
+
+# A test of TensorFlow's own path (its fused kernels, its kernels' precision), which other backends do not take.
+tensorflow_only = pytest.mark.skipif(keras.backend.backend() != "tensorflow", reason="TensorFlow's own path")
 
 
 @pytest.fixture(scope="session")

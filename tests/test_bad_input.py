@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 
 import learning_to_learn
+import long_runs
 from conftest import ROOT, run_program
 from learning_to_learn import load_trained_model, model_for_training, parse_args
 from omniglot_dataset import DataError, Omniglot
@@ -83,7 +84,7 @@ def test_bad_flag_is_refused_by_the_parser(flag, message, capsys, monkeypatch):
 def test_cnn_bfloat16_is_refused_where_tensorflows_own_kernels_would_sum_in_bfloat16(flags, environment, refusal,
                                                                                       capsys, monkeypatch):
     # Whatever this machine's CPU: each kind of CPU and setting, as the program reads it.
-    monkeypatch.setattr(learning_to_learn, "cpu_flags", lambda: flags)
+    monkeypatch.setattr(long_runs, "cpu_flags", lambda: flags)
     for name in ["ONEDNN_MAX_CPU_ISA", "TF_ENABLE_ONEDNN_OPTS"]:
         monkeypatch.delenv(name, raising=False)
     for name, value in environment.items():
@@ -193,14 +194,14 @@ def test_bad_cache_file_says_to_remove_it(kind, tmp_path, monkeypatch, omniglot_
 
 
 def test_within_alphabet_needs_the_alphabets_and_one_large_enough(tmp_path, monkeypatch, omniglot_npz, capsys):
-    from learning_to_learn import check_episodes_fit
+    from long_runs import check_episodes_fit
 
     unnamed = npz_with(tmp_path / "omniglot.npz", omniglot_npz, train_alphabets=None, test_alphabets=None)
     monkeypatch.setenv("OMNIGLOT_DATA", str(unnamed))
     with pytest.raises(DataError, match=rf"^--within_alphabet needs each character's alphabet, and {unnamed} names "
                                         r"none: put a characters.csv .* beside it, or remove it and unset "):
-        check_episodes_fit(parse_args(["--within_alphabet"]), Omniglot())
-    check_episodes_fit(parse_args([]), Omniglot())  # without the flag it is no matter
+        check_episodes_fit(learning_to_learn.parser, parse_args(["--within_alphabet"]), Omniglot())
+    check_episodes_fit(learning_to_learn.parser, parse_args([]), Omniglot())  # without the flag it is no matter
     assert [parse_args(flags).within_alphabet for flags in [[], ["--within_alphabet"], ["--within_alphabet=0.25"]]] \
         == [0, 1, 0.25]
 
@@ -210,11 +211,12 @@ def test_within_alphabet_needs_the_alphabets_and_one_large_enough(tmp_path, monk
         pytest.skip(f"{omniglot_npz} names no alphabets")
     largest = max(collections.Counter(omniglot.train.alphabets).values())
     with pytest.raises(SystemExit) as exit:
-        check_episodes_fit(parse_args([f"--classes={largest + 1}", "--within_alphabet"]), omniglot)
+        check_episodes_fit(learning_to_learn.parser, parse_args([f"--classes={largest + 1}", "--within_alphabet"]),
+                           omniglot)
     assert exit.value.code == 2 and capsys.readouterr().err.splitlines()[-1].endswith(
         f"error: argument --classes: invalid value {largest + 1}: with --within_alphabet at most {largest}, "
         "the characters of the train split's largest alphabet")
-    check_episodes_fit(parse_args([f"--classes={largest}", "--within_alphabet"]), omniglot)
+    check_episodes_fit(learning_to_learn.parser, parse_args([f"--classes={largest}", "--within_alphabet"]), omniglot)
 
 
 @pytest.mark.slow
@@ -282,16 +284,16 @@ LARGE = ["--cell_size=40000"]
                                                        ("v1", "memory/limit/memory.limit_in_bytes", "memory")])
 def test_a_cgroups_memory_limit_below_the_machines_is_the_one_a_run_is_held_to(version, file, controllers, tmp_path,
                                                                               monkeypatch, capsys):
-    import learning_to_learn
+    import long_runs
 
-    needed = sum(size for *_, size in learning_to_learn.memory_needed(learning_to_learn.parser.parse_args(LARGE)))
-    if needed > min(limit for limit, _ in learning_to_learn.memory_limits()):
+    needed = sum(size for *_, size in long_runs.memory_needed(learning_to_learn.parser.parse_args(LARGE)))
+    if needed > min(limit for limit, _ in long_runs.memory_limits()):
         pytest.skip("this machine has less memory than the run needs: its own limit refuses it first")
     (tmp_path / "cgroup").write_text(f"4:{controllers}:{'/limit' if version == 'v1' else ''}\n")
     (tmp_path / file).parent.mkdir(parents=True, exist_ok=True)
     (tmp_path / file).write_text(f"{16 * 2**30}\n")
-    monkeypatch.setattr(learning_to_learn, "OWN_CGROUP", str(tmp_path / "cgroup"))
-    monkeypatch.setattr(learning_to_learn, "CGROUP_ROOT", str(tmp_path))
+    monkeypatch.setattr(long_runs, "OWN_CGROUP", str(tmp_path / "cgroup"))
+    monkeypatch.setattr(long_runs, "CGROUP_ROOT", str(tmp_path))
     with pytest.raises(SystemExit):
         parse_args(LARGE)
     assert re.search(rf"the run \d+\.\d GiB in all, more than the \d+\.\d GiB left of the cgroup's memory limit "
@@ -304,17 +306,17 @@ def test_memory_left_is_each_limit_less_what_the_process_holds_or_maps_against_i
     # RAM and a cgroup's limit bound what the process holds (VmRSS), the address space limit what it maps (VmSize).
     import resource
 
-    import learning_to_learn
+    import long_runs
 
     (tmp_path / "status").write_text("Name:\tpython3\nVmSize:\t 5000000 kB\nVmRSS:\t    1000 kB\n")
     (tmp_path / "cgroup").write_text("0::/\n")
     (tmp_path / "memory.max").write_text(f"{16 * 2**30}\n")
-    monkeypatch.setattr(learning_to_learn, "OWN_STATUS", str(tmp_path / "status"))
-    monkeypatch.setattr(learning_to_learn, "OWN_CGROUP", str(tmp_path / "cgroup"))
-    monkeypatch.setattr(learning_to_learn, "CGROUP_ROOT", str(tmp_path))
+    monkeypatch.setattr(long_runs, "OWN_STATUS", str(tmp_path / "status"))
+    monkeypatch.setattr(long_runs, "OWN_CGROUP", str(tmp_path / "cgroup"))
+    monkeypatch.setattr(long_runs, "CGROUP_ROOT", str(tmp_path))
     monkeypatch.setattr(os, "sysconf", {"SC_PAGE_SIZE": 4096, "SC_PHYS_PAGES": 6 * 2**20}.get)  # 24 GiB
     monkeypatch.setattr(resource, "getrlimit", lambda kind: (20 * 2**30, resource.RLIM_INFINITY))
-    assert learning_to_learn.memory_limits() == [
+    assert long_runs.memory_limits() == [
         (24 * 2**30 - 1000 * 1024, "this machine's RAM"),
         (16 * 2**30 - 1000 * 1024, f"the cgroup's memory limit ({tmp_path / 'memory.max'})"),
         (20 * 2**30 - 5000000 * 1024, "the address space limit RLIMIT_AS (ulimit -v)")]
@@ -363,4 +365,4 @@ def test_no_room_to_load_tensorflow_ends_in_one_line():
     result = subprocess.run([sys.executable, os.path.join(ROOT, "learning_to_learn.py")], capture_output=True,
                             text=True, timeout=120, preexec_fn=little_address_space)
     assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
-    assert result.stderr.splitlines()[-1].startswith("learning_to_learn.py: error: cannot load TensorFlow (")
+    assert result.stderr.splitlines()[-1].startswith("learning_to_learn.py: error: cannot load Keras and its backend (")

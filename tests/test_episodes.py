@@ -3,8 +3,8 @@ import argparse
 
 import numpy as np
 import pytest
-import tensorflow as tf
 
+import backends
 import learning_to_learn
 from learning_to_learn import (
     EpisodeGenerator,
@@ -98,7 +98,7 @@ def test_previous_labels_shift_by_one_with_minus_one_first():
 
 
 def collect(batches):
-    return [((images.numpy(), previous.numpy()), labels.numpy()) for (images, previous), labels in batches]
+    return list(batches)
 
 
 def assert_same_batches(batches, expected):
@@ -131,9 +131,8 @@ def test_training_batches_hold_the_definition_and_are_fresh_every_epoch():
 def test_first_occurrence_weight_weighs_each_classs_first_drawing_alone():
     dataset, args = make_dataset([20] * 12), make_args(batch_size=5)
     plain = collect(training(dataset, args, seed=7, episodes=12, epochs=range(2)))
-    weighted = [((images.numpy(), previous.numpy()), labels.numpy(), weights.numpy()) for (images, previous), labels,
-                weights in training_batches(dataset, args.classes, args.images_per_class, args.batch_size, 12, 7,
-                                            range(2), first_occurrence_weight=2.5)]
+    weighted = list(training_batches(dataset, args.classes, args.images_per_class, args.batch_size, 12, 7, range(2),
+                                     first_occurrence_weight=2.5))
     assert_same_batches([batch[:2] for batch in weighted], plain)  # the same episodes, weights beside them
     for _, labels, weights in weighted:
         assert weights.dtype == np.float32 and weights.shape == labels.shape
@@ -179,14 +178,14 @@ def test_rotations_never_collide_whatever_the_labels():
 def test_shifted_moves_each_image_its_own_way_with_blank_paper_behind():
     image = np.zeros([28, 28, 1], np.float32)
     image[10, 20] = 1
-    moved = shifted(tf.constant(np.stack([[image, image]])), tf.constant([[[0, 4], [2, 2]]]), shift=2).numpy()
+    moved = shifted(np.stack([[image, image]]), np.array([[[0, 4], [2, 2]]]), shift=2)
     assert moved[0, 0, 12, 18, 0] == 1 and moved[0, 0].sum() == 1, "offsets (0, 4): 2 pixels down, 2 left"
     np.testing.assert_array_equal(moved[0, 1], image)  # offsets (2, 2): in place
 
     rng = np.random.default_rng(0)
     images = rng.random([2, 3, 28, 28, 1]).astype(np.float32)
     offsets = rng.integers(0, 2 * 3 + 1, [2, 3, 2])
-    moved = shifted(tf.constant(images), tf.constant(offsets), shift=3).numpy()
+    moved = shifted(images, offsets, shift=3)
     for episode, step in np.ndindex(2, 3):
         down, right = 3 - offsets[episode, step]
         expected = np.zeros([28 + 6, 28 + 6, 1], np.float32)  # room to move 3 pixels each way
@@ -294,9 +293,8 @@ def test_within_alphabet_reaches_the_training_episodes_and_at_share_1_draws_thos
 
 
 def test_main_trains_on_the_episodes_its_flags_ask_for(omniglot_npz, monkeypatch):
-    # main sets TensorFlow's threads, which a process sets once, before its first op: here they are set.
-    monkeypatch.setattr(tf.config.threading, "set_inter_op_parallelism_threads", lambda threads: None)
-    monkeypatch.setattr(tf.config.threading, "set_intra_op_parallelism_threads", lambda threads: None)
+    # main sets the backend's threads, which a process sets once, before its first op: here they are set.
+    monkeypatch.setattr(backends, "configure", lambda threads, deterministic: None)
     handed = []
 
     class Handed(Exception):

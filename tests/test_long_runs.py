@@ -18,29 +18,28 @@ import time
 import numpy as np
 import pytest
 
-import learning_to_learn
+import long_runs
 from conftest import ROOT, run_program
-from learning_to_learn import (
+from learning_to_learn import model_for_training, parse_args, parser, steps_per_epoch
+from long_runs import (
     FLAGS,
     EpochCheckpoint,
     RunEnded,
     StopOnDivergence,
     Terminated,
+    defaults,
     differing_flags,
     interrupt,
-    model_for_training,
-    parse_args,
-    parser,
     print_unless_interrupted,
     run_flags,
     save_uncompiled,
-    steps_per_epoch,
     told_what_is_kept,
 )
 from omniglot_dataset import DataError
 
 TINY = ["--classes=2", "--images_per_class=2", "--lstm_dim=4", "--cell_size=2", "--train_episodes=32"]
 SMALL_RUN = ["--recodex", "--classes=2", "--train_episodes=64", "--test_episodes=16", "--lstm_dim=32"]
+DEFAULTS = defaults(parser)
 
 
 @contextlib.contextmanager
@@ -70,7 +69,7 @@ def refusal(argv, capsys):
 def checkpointed_model(args, directory):
     """A model of `args` and its EpochCheckpoint in `directory`, claimed and restored as main does."""
     model = model_for_training(args)
-    checkpoint = EpochCheckpoint(str(directory), run_flags(args))
+    checkpoint = EpochCheckpoint(str(directory), run_flags(args), DEFAULTS)
     checkpoint.claim()
     checkpoint.set_model(model)
     return model, checkpoint
@@ -119,24 +118,25 @@ def test_a_checkpoint_of_other_flags_is_refused_naming_each_flag(changed, tmp_pa
 def test_flags_that_do_not_change_the_run_may_differ():
     first = run_flags(parse_args([*TINY, "--threads=1"]))
     assert differing_flags(first, run_flags(parse_args([*TINY, "--threads=2", "--logdir=x", "--save_model=m.keras",
-                                                        "--epochs=30"]))) == []
+                                                        "--epochs=30"])), DEFAULTS) == []
     # With a decaying learning rate the number of epochs shapes every step's rate.
     cosine = run_flags(parse_args([*TINY, "--learning_rate_decay=cosine"]))
-    assert differing_flags(cosine, run_flags(parse_args([*TINY, "--learning_rate_decay=cosine", "--epochs=30"]))) == [
-        "--epochs 20 in the checkpoint, 30 now"]
+    longer = run_flags(parse_args([*TINY, "--learning_rate_decay=cosine", "--epochs=30"]))
+    assert differing_flags(cosine, longer, DEFAULTS) == ["--epochs 20 in the checkpoint, 30 now"]
 
 
 def test_a_flag_newer_than_the_checkpoint_counts_as_its_default_there():
     older = run_flags(parse_args(TINY))
     del older["cnn_filters"], older["feature_labels"]
-    assert differing_flags(older, run_flags(parse_args(TINY))) == []
-    assert differing_flags(older, run_flags(parse_args([*TINY, "--feature_labels", "--cnn_filters=4,4"]))) == [
+    assert differing_flags(older, run_flags(parse_args(TINY)), DEFAULTS) == []
+    newer = run_flags(parse_args([*TINY, "--feature_labels", "--cnn_filters=4,4"]))
+    assert differing_flags(older, newer, DEFAULTS) == [
         "--cnn_filters 8,16,32 in the checkpoint, 4,4 now", "--feature_labels False in the checkpoint, True now"]
 
 
 def test_a_checkpoint_flag_no_longer_known_is_ignored():
     older = {**run_flags(parse_args(TINY)), "read_match": False}  # a flag of an earlier build
-    assert differing_flags(older, run_flags(parse_args(TINY))) == []
+    assert differing_flags(older, run_flags(parse_args(TINY)), DEFAULTS) == []
 
 
 def test_a_second_run_into_a_folder_in_use_is_refused(tmp_path):
@@ -358,7 +358,7 @@ def edited(arrays, edit):
 
 
 @pytest.mark.parametrize("edit, reason", [
-    ("no epochs", "it holds run, variable_0, .*; expected run, epochs and variable_0 onwards"),
+    ("no epochs", "it holds run, variable_0, .*; expected run, epochs, backend and variable_0 onwards"),
     ("negative epochs", "its epochs are -1; expected a whole number from 0 to 20"),
     ("epochs not a number", "its epochs are 'one'; expected a whole number from 0 to 20"),
     ("epochs not whole", "its epochs are 1.5; expected a whole number from 0 to 20"),
@@ -368,8 +368,8 @@ def edited(arrays, edit):
     ("run of numbers", "its run is not a JSON object of flags"),
     ("a flag of another type", "its run's --learning_rate is '0.001', not of the type of 0.001"),
     ("strings", "variable_1 hold no numbers"),
-    ("a member more", "it holds epochs, notes, run, variable_0, .*; expected run, epochs and variable_0 onwards"),
-    ("a variable less", "it holds epochs, run, variable_0, variable_10, .*; expected run, epochs and variable_0"),
+    ("a member more", "it holds epochs, notes, run, variable_0, .*; expected run, epochs, backend and variable_0 "),
+    ("a variable less", "it holds epochs, run, variable_0, variable_10, .*; expected run, epochs, backend and "),
 ])
 def test_an_edited_checkpoint_is_refused_before_the_model_is_built_and_left_as_it_is(edit, reason, written_checkpoint,
                                                                                      tmp_path):
@@ -379,7 +379,7 @@ def test_an_edited_checkpoint_is_refused_before_the_model_is_built_and_left_as_i
     before = sorted(os.listdir(tmp_path)), path.read_bytes()
     with pytest.raises(DataError, match=rf"^cannot read the checkpoint {path} \({reason}.*\); choose another "
                                         "--checkpoint_dir to start anew$"):
-        EpochCheckpoint(str(tmp_path), run_flags(parse_args(TINY))).claim()
+        EpochCheckpoint(str(tmp_path), run_flags(parse_args(TINY)), DEFAULTS).claim()
     assert (sorted(os.listdir(tmp_path)), path.read_bytes()) == (before[0] + ["lock"], before[1])
 
 
@@ -393,7 +393,7 @@ def test_a_switch_of_an_earlier_version_that_is_now_a_share_resumes_as_one(writt
     assert '"within_alphabet": 0.0' in run
     for switch, accepted in [("false", True), ("true", False)]:
         np.savez(path, **written, run=np.array(run.replace('"within_alphabet": 0.0', f'"within_alphabet": {switch}')))
-        checkpoint = EpochCheckpoint(str(tmp_path), run_flags(parse_args(TINY)))
+        checkpoint = EpochCheckpoint(str(tmp_path), run_flags(parse_args(TINY)), DEFAULTS)
         if accepted:
             checkpoint.claim()
             assert repr(checkpoint.saved[0]["within_alphabet"]) == "0.0"
@@ -427,7 +427,7 @@ def test_the_command_of_a_finished_run_says_its_epochs_are_done(tmp_path, capsys
 
 
 def test_every_flag_of_the_run_changed_on_resume_is_refused_by_name(written_checkpoint, tmp_path, monkeypatch):
-    monkeypatch.setattr(learning_to_learn, "bfloat16_convolutions_problem", lambda: None)  # whatever this CPU
+    monkeypatch.setattr(long_runs, "bfloat16_convolutions_problem", lambda: None)  # whatever this CPU
     saved = run_flags(parse_args([*TINY, "--learning_rate_decay=cosine"]))
     assert set(saved) == {flag for flag, role in FLAGS.items() if role.of_the_run}
     for flag in saved:
@@ -441,7 +441,7 @@ def test_every_flag_of_the_run_changed_on_resume_is_refused_by_name(written_chec
         else:
             changed = [f"--{flag}={saved[flag] * 2 if saved[flag] else 1}"]
         now = run_flags(parse_args([*TINY, "--learning_rate_decay=cosine", *changed]))
-        assert [difference.split()[0] for difference in differing_flags(saved, now)] == [f"--{flag}"], flag
+        assert [difference.split()[0] for difference in differing_flags(saved, now, DEFAULTS)] == [f"--{flag}"], flag
 
 
 def test_a_lock_or_checkpoint_that_is_no_file_is_refused(tmp_path, capsys):
@@ -449,20 +449,20 @@ def test_a_lock_or_checkpoint_that_is_no_file_is_refused(tmp_path, capsys):
     assert refusal([f"--checkpoint_dir={tmp_path}"], capsys) == (
         f"argument --checkpoint_dir: invalid path '{tmp_path}': its lock is a folder, not a file")
     with pytest.raises(DataError, match=f"^{tmp_path}/lock is a folder, not a file: choose another --checkpoint_dir$"):
-        EpochCheckpoint(str(tmp_path), run_flags(parse_args(TINY))).claim()
+        EpochCheckpoint(str(tmp_path), run_flags(parse_args(TINY)), DEFAULTS).claim()
     os.rmdir(tmp_path / "lock")
     os.mkfifo(tmp_path / "checkpoint.npz")  # reading it would wait for a writer for ever
     assert refusal([f"--checkpoint_dir={tmp_path}"], capsys) == (
         f"argument --checkpoint_dir: invalid path '{tmp_path}': its checkpoint.npz is a named pipe, not a file")
     with pytest.raises(DataError, match="checkpoint.npz is a named pipe, not a file: choose another"):
-        EpochCheckpoint(str(tmp_path), run_flags(parse_args(TINY))).claim()
+        EpochCheckpoint(str(tmp_path), run_flags(parse_args(TINY)), DEFAULTS).claim()
 
 
 def test_what_killed_writes_left_is_removed_when_a_run_claims_the_folder(written_checkpoint, tmp_path):
     (tmp_path / "checkpoint.npz").write_bytes(written_checkpoint)
     (tmp_path / ".checkpoint.npz.k1ll3d.npz").write_bytes(written_checkpoint[:100])
     (tmp_path / "notes.txt").write_text("a user's own file")
-    release(EpochCheckpoint(str(tmp_path), run_flags(parse_args(TINY))).claim())
+    release(EpochCheckpoint(str(tmp_path), run_flags(parse_args(TINY)), DEFAULTS).claim())
     assert sorted(os.listdir(tmp_path)) == ["checkpoint.npz", "lock", "notes.txt"]
 
 
@@ -470,7 +470,7 @@ def test_what_killed_writes_left_is_removed_when_a_run_claims_the_folder(written
 
 def test_what_is_kept_is_read_from_disk(written_checkpoint, tmp_path):
     folder = tmp_path / "checkpoints"
-    checkpoint = EpochCheckpoint(str(folder), run_flags(parse_args(TINY))).claim()
+    checkpoint = EpochCheckpoint(str(folder), run_flags(parse_args(TINY)), DEFAULTS).claim()
     assert checkpoint.kept() == f"no epoch is saved in {folder}"
     (folder / "checkpoint.npz").write_bytes(written_checkpoint)
     assert checkpoint.kept() == f"{folder / 'checkpoint.npz'} keeps epoch 1: run the same command to resume"
@@ -507,7 +507,7 @@ def test_a_signal_while_a_checkpoint_moves_into_place_ends_as_an_interruption(in
 @pytest.mark.parametrize("sent, status", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
 def test_an_interruption_that_tensorflow_turned_into_another_error_still_ends_as_one(sent, status, monkeypatch):
     # Raised inside TensorFlow's C++ calls, KeyboardInterrupt comes out as a SystemError or ValueError.
-    monkeypatch.setattr("learning_to_learn.signals_received", [])
+    monkeypatch.setattr("long_runs.signals_received", [])
     with pytest.raises(ValueError, match="^not an interruption$"), told_what_is_kept(None):
         raise ValueError("not an interruption")
     with pytest.raises(RunEnded, match="^interrupted; nothing was saved$") as ended, told_what_is_kept(None):
@@ -521,7 +521,7 @@ def test_an_interruption_that_tensorflow_turned_into_another_error_still_ends_as
 @pytest.mark.parametrize("sent, status", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
 def test_an_interruption_that_tensorflow_swallowed_still_ends_as_one(sent, status, monkeypatch):
     # Raised in a thread of tf.data's, KeyboardInterrupt can end fit's epoch early, as if the episodes ran out.
-    monkeypatch.setattr("learning_to_learn.signals_received", [])
+    monkeypatch.setattr("long_runs.signals_received", [])
     with told_what_is_kept(None):
         pass
     with pytest.raises(RunEnded, match="^interrupted; nothing was saved$") as ended, told_what_is_kept(None):
@@ -552,10 +552,10 @@ def test_an_exception_that_c_code_prints_is_not_printed_after_an_interruption(mo
     def print_from_c(message):
         assert ctypes.pythonapi.PyRun_SimpleString(f"raise SystemError('{message}')".encode()) == -1
 
-    monkeypatch.setattr("learning_to_learn.signals_received", [])
+    monkeypatch.setattr("long_runs.signals_received", [])
     print_from_c("not after a signal")
     assert capsys.readouterr().err.splitlines()[-1] == "SystemError: not after a signal"
-    monkeypatch.setattr("learning_to_learn.signals_received", [signal.SIGINT])
+    monkeypatch.setattr("long_runs.signals_received", [signal.SIGINT])
     print_from_c("after a signal")
     assert capsys.readouterr().err == ""
 

@@ -2,10 +2,15 @@
 import keras
 import numpy as np
 import pytest
-import tensorflow as tf
 
-import learning_to_learn
+import backends
+from conftest import tensorflow_only
 from learning_to_learn import MemoryAugmentedLSTM, MemoryAugmentedRNN, unit_vectors
+
+if keras.backend.backend() == "tensorflow":
+    import tensorflow as tf
+
+    import tensorflow_fused
 
 EPSILON = keras.config.epsilon()  # ops.normalize floors a norm at Keras's epsilon, 1e-7
 
@@ -25,13 +30,13 @@ def cosine(a, b):
 
 def numpy_step(cell, x, h, c, read_value, memory):
     """One step of the cell, head by head and cell by cell; memory: (batch, cells, cell_size)."""
-    kernel, recurrent_kernel, bias = [w.numpy() for w in cell.controller.weights]
+    kernel, recurrent_kernel, bias = [keras.ops.convert_to_numpy(w) for w in cell.controller.weights]
     gates = np.concatenate([x, read_value], axis=-1) @ kernel + h @ recurrent_kernel + bias
     i, f, g, o = np.split(gates, 4, axis=-1)
     c = sigmoid(f) * c + sigmoid(i) * np.tanh(g)
     h = sigmoid(o) * np.tanh(c)
 
-    interface_kernel, interface_bias = [w.numpy() for w in cell.interface_layer.weights]
+    interface_kernel, interface_bias = [keras.ops.convert_to_numpy(w) for w in cell.interface_layer.weights]
     interface = np.tanh(h @ interface_kernel + interface_bias)
     assert interface.shape == (len(x), (cell.read_heads + 1) * cell.cell_size)
     write_value = interface[:, :cell.cell_size]
@@ -47,7 +52,7 @@ def numpy_step(cell, x, h, c, read_value, memory):
     read_value = reads.reshape(len(x), -1)
     memory = np.concatenate([write_value[:, None], memory[:, :-1]], axis=1)
 
-    output_kernel, output_bias = [w.numpy() for w in cell.output_layer.weights]
+    output_kernel, output_bias = [keras.ops.convert_to_numpy(w) for w in cell.output_layer.weights]
     output = np.tanh(np.concatenate([h, read_value], axis=-1) @ output_kernel + output_bias)
     return output, h, c, read_value, memory
 
@@ -76,6 +81,7 @@ def test_rnn_over_cell_matches_numpy_with_several_heads_and_memory_shift(read_sh
     cell = MemoryAugmentedLSTM(units, memory_cells, cell_size, read_heads, read_sharpness)
     rnn = keras.layers.RNN(cell, return_sequences=True, return_state=True)
     outputs = rnn(inputs, initial_state=[h, c, read_value, memory.reshape(batch, -1)])
+    outputs = [keras.ops.convert_to_numpy(output) for output in outputs]
     for actual, expected in zip(outputs, numpy_recurrence(cell, inputs, h, c, read_value, memory), strict=True):
         np.testing.assert_allclose(actual, expected, atol=1e-5)
 
@@ -83,26 +89,41 @@ def test_rnn_over_cell_matches_numpy_with_several_heads_and_memory_shift(read_sh
 def test_default_zero_state_reads_zeros_first():
     cell = MemoryAugmentedLSTM(units=4, memory_cells=3, cell_size=2, read_heads=2)
     rnn = keras.layers.RNN(cell, return_state=True)
-    _, _, _, read_value, memory = rnn(np.ones([1, 1, 3], np.float32))
+    _, _, _, read_value, memory = [keras.ops.convert_to_numpy(x) for x in rnn(np.ones([1, 1, 3], np.float32))]
     # An empty memory has no direction: the read is the average of zero cells.
     np.testing.assert_array_equal(read_value, np.zeros([1, 4]))
     # After one step the write value is the first cell, the rest still empty.
     assert np.any(memory[0, :2] != 0) and np.all(memory[0, 2:] == 0)
 
 
+def one_step(cell, memory, keys, write_value):
+    """The cell's step from `memory` (1, cells, cell_size), its interface set to give the read `keys`
+    (1, heads, cell_size) and `write_value` (1, cell_size), entries in (-1, 1): the read value and the memory after."""
+    cell.build((None, 1))
+    cell.interface_layer.kernel.assign(np.zeros(cell.interface_layer.kernel.shape))
+    cell.interface_layer.bias.assign(np.arctanh(np.concatenate([write_value[0], keys[0].reshape(-1)])))
+    states = [np.zeros([1, cell.units], np.float32)] * 2 + [np.zeros([1, cell.read_size], np.float32),
+                                                            memory.reshape(1, -1)]
+    _, (_, _, read_value, memory) = cell(np.zeros([1, 1], np.float32), states)
+    return keras.ops.convert_to_numpy(read_value), keras.ops.convert_to_numpy(memory).reshape(1, cell.memory_cells, -1)
+
+
 def test_write_prepends_and_drops_the_last_cell():
     cell = MemoryAugmentedLSTM(units=4, memory_cells=3, cell_size=2, read_heads=1)
     memory = np.array([[[1, 2], [3, 4], [5, 6]]], np.float32)
-    written = cell._write(memory, np.array([[7, 8]], np.float32))
-    np.testing.assert_array_equal(written, [[[7, 8], [1, 2], [3, 4]]])
+    _, written = one_step(cell, memory, np.array([[[0.1, 0.2]]]), np.array([[0.7, 0.8]]))
+    np.testing.assert_allclose(written, [[[0.7, 0.8], [1, 2], [3, 4]]], rtol=1e-6)
 
 
 @pytest.mark.parametrize("norm", [1e-8, 5e-8, 1e-7, 2e-7, 1e-5, 1e-2, 1.0])
 def test_unit_vectors_divide_by_the_norm_floored_at_epsilon(norm):
     x = np.array([[3, -4, 12], [0, 0, 0]], np.float32) / 13 * np.float32(norm)  # a vector of that norm, an empty one
-    units, inverse_norms = unit_vectors(x)
-    np.testing.assert_allclose(units, [unit(x[0]), unit(x[1])], rtol=1e-5, atol=0)
-    np.testing.assert_allclose(inverse_norms, [[1 / max(norm, EPSILON)], [1 / EPSILON]], rtol=1e-5)
+    np.testing.assert_allclose(keras.ops.convert_to_numpy(unit_vectors(x)), [unit(x[0]), unit(x[1])], rtol=1e-5,
+                               atol=0)
+    if keras.backend.backend() == "tensorflow":  # the fused backward pass's own, with the inverse norms it used
+        units, inverse_norms = tensorflow_fused.unit_vectors(x)
+        np.testing.assert_allclose(units, [unit(x[0]), unit(x[1])], rtol=1e-5, atol=0)
+        np.testing.assert_allclose(inverse_norms, [[1 / max(norm, EPSILON)], [1 / EPSILON]], rtol=1e-5)
 
 
 def test_read_of_a_tiny_cell_uses_the_floored_norm():
@@ -112,8 +133,7 @@ def test_read_of_a_tiny_cell_uses_the_floored_norm():
     # Its cosine with the key is 5e-9 / 1e-7 = 0.05, not 1: a tiny cell is almost as weak as an empty one.
     similarity = np.array([0.05, 0, (0.6 + 0.8) / np.sqrt(3)])
     weights = np.exp(2 * similarity) / np.exp(2 * similarity).sum()
-    read_value, read_weights = cell._read(memory, keys)
-    np.testing.assert_allclose(read_weights, [[weights]], rtol=1e-5)
+    read_value, _ = one_step(cell, memory, keys, np.zeros([1, 3]))
     np.testing.assert_allclose(read_value, [weights @ memory[0]], rtol=1e-5)
     np.testing.assert_allclose(similarity, [cosine(keys[0, 0], m) for m in memory[0]], rtol=1e-5, atol=1e-7)
 
@@ -122,12 +142,12 @@ def test_read_weights_cells_by_softmax_of_cosine_similarity():
     cell = MemoryAugmentedLSTM(units=4, memory_cells=2, cell_size=2, read_heads=2)
     memory = np.array([[[2, 0], [0, 3]]], np.float32)
     # Head 1 points at cell 1 (cosines 1, 0); head 2 halfway between (cosines 1/sqrt(2) each).
-    keys = np.array([[[0.5, 0], [1, 1]]], np.float32)
+    keys = np.array([[[0.5, 0], [0.5, 0.5]]], np.float32)
     weight = np.exp(1) / (np.exp(1) + 1)
     expected_head1 = weight * np.array([2, 0]) + (1 - weight) * np.array([0, 3])
     expected_head2 = 0.5 * np.array([2, 0]) + 0.5 * np.array([0, 3])
-    np.testing.assert_allclose(cell._read(memory, keys)[0], [np.concatenate([expected_head1, expected_head2])],
-                               rtol=1e-6)
+    np.testing.assert_allclose(one_step(cell, memory, keys, np.zeros([1, 2]))[0],
+                               [np.concatenate([expected_head1, expected_head2])], rtol=1e-6)
 
 
 # Each case compiles for seconds: the fast suite takes two that hold every kind of memory and a split of the
@@ -140,11 +160,12 @@ def test_read_weights_cells_by_softmax_of_cosine_similarity():
     pytest.param(2, 7, 3.0, False, "tiny cell", 2, marks=pytest.mark.slow),
     pytest.param(1, 7, 1.0, True, "tiny cell", 5, marks=pytest.mark.slow),
     pytest.param(2, 7, 5.0, False, "empty", 1, marks=pytest.mark.slow), (2, 7, 5.0, False, "tiny, then empty", 1)])
+@tensorflow_only
 def test_fused_layer_matches_numpy_and_the_cell_loops_automatic_gradients(read_heads, memory_cells, read_sharpness,
                                                                          jit_compile, memory, cores, monkeypatch):
     # 7 steps: with 4 cells old cells drop; 0 heads is the LSTM-only baseline; a tiny cell has its norm floored.
     # The fused layer splits the 3 episodes among the cores: 1 and 2 episodes, or 1 each (5 cores: 3 parts).
-    monkeypatch.setattr(learning_to_learn, "cores_in_use", lambda: cores)
+    monkeypatch.setattr(tensorflow_fused, "cores_in_use", lambda: cores)
     batch, steps, features, units, cell_size = 3, 7, 5, 6, 4
     rng = np.random.default_rng(0)
     inputs = rng.normal(size=[batch, steps, features]).astype(np.float32)
@@ -185,9 +206,10 @@ def test_fused_layer_matches_numpy_and_the_cell_loops_automatic_gradients(read_h
 
 
 @pytest.mark.slow  # compiles for seconds; the fast suite splits a batch in the test above
+@tensorflow_only
 def test_fused_layer_with_more_cores_than_episodes_of_a_batch_unknown_until_run(monkeypatch):
     # A batch whose size the graph does not know, as fit's last batch: 2 cores and 1 episode leave one share empty.
-    monkeypatch.setattr(learning_to_learn, "cores_in_use", lambda: 2)
+    monkeypatch.setattr(tensorflow_fused, "cores_in_use", lambda: 2)
     steps, features, units, memory_cells, cell_size = 4, 3, 5, 4, 2
     rng = np.random.default_rng(0)
     inputs = rng.normal(size=[1, steps, features]).astype(np.float32)
@@ -209,19 +231,19 @@ def test_fused_layer_with_more_cores_than_episodes_of_a_batch_unknown_until_run(
 
 
 @pytest.mark.parametrize("threads, graded, loops", [(1000, False, 2), (1000, True, 1)])
+@tensorflow_only
 def test_the_fused_layer_runs_a_loop_a_usable_core_and_graded_runs_one(threads, graded, loops, monkeypatch):
     # 2 cores: --threads above them would only make loops that take turns on them; graded runs keep one loop
     # whatever the cores, so that their lines do not depend on them.
-    monkeypatch.setattr(learning_to_learn, "usable_cores", lambda: 2)
+    monkeypatch.setattr(backends, "usable_cores", lambda: 2)
     monkeypatch.setattr(tf.config.threading, "get_inter_op_parallelism_threads", lambda: threads)
-    monkeypatch.setattr(learning_to_learn, "is_op_determinism_enabled", lambda: graded)
-    recurrence, episodes_of_each_loop = MemoryAugmentedRNN._recurrence, []
+    fused_steps, episodes_of_each_loop = tensorflow_fused.fused_steps, []
 
-    def counted(self, projected, *state_and_weights):
+    def counted(cell, deterministic, projected, *state_and_weights):
         episodes_of_each_loop.append(projected.shape[1])
-        return recurrence(self, projected, *state_and_weights)
+        return fused_steps(cell, deterministic, projected, *state_and_weights)
 
-    monkeypatch.setattr(MemoryAugmentedRNN, "_recurrence", counted)
-    rnn = MemoryAugmentedRNN(MemoryAugmentedLSTM(units=3, memory_cells=2, cell_size=2, read_heads=1))
+    monkeypatch.setattr(tensorflow_fused, "fused_steps", counted)
+    rnn = MemoryAugmentedRNN(MemoryAugmentedLSTM(units=3, memory_cells=2, cell_size=2, read_heads=1), graded)
     rnn(np.zeros([4, 2, 3], np.float32))
     assert episodes_of_each_loop == [4 // loops] * loops

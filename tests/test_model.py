@@ -11,15 +11,16 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-import learning_to_learn
+import long_runs
+from conftest import tensorflow_only
 from learning_to_learn import (
     FusedBatchNormalization,
     MemoryAugmentedRNN,
     model_for_training,
     parse_args,
-    save_uncompiled,
     training_batches,
 )
+from long_runs import save_uncompiled
 
 TINY = ["--classes=3", "--images_per_class=2", "--lstm_dim=8", "--cell_size=4"]
 
@@ -72,6 +73,7 @@ def test_cnn_pooling_convolves_keeping_the_size_then_normalizes_rectifies_and_ma
     assert four_blocks.get_layer("image_features").output.shape[-1] == 6
 
 
+@tensorflow_only
 def test_fused_batch_normalization_in_training_is_keras_normalization_by_the_batchs_statistics():
     rng = np.random.default_rng(1)
     images = tf.constant(rng.normal(2, 3, [16, 14, 14, 5]).astype(np.float32))
@@ -102,15 +104,14 @@ def test_fused_batch_normalization_in_training_is_keras_normalization_by_the_bat
     np.testing.assert_array_equal(fused(images, training=False).numpy(), plain(images, training=False).numpy())
 
 
-def test_the_assignments_cnn_normalizes_as_keras_does_in_graded_runs_and_the_plain_build_else_fused(monkeypatch):
+def test_the_assignments_cnn_normalizes_as_keras_does_in_graded_runs_and_the_plain_build_else_fused():
     def normalization(flags, fused=True):
         model = model_for_training(parse_args([*TINY, *flags]), fused=fused)
         return type(model.get_layer("image_features").layers[1])
 
     assert normalization([]) is FusedBatchNormalization
     assert normalization([], fused=False) is keras.layers.BatchNormalization
-    monkeypatch.setattr(learning_to_learn, "is_op_determinism_enabled", lambda: True)  # as --recodex makes it
-    assert normalization([]) is keras.layers.BatchNormalization
+    assert normalization(["--recodex"]) is keras.layers.BatchNormalization
     # The few-shot CNN's is fused in every run: its recipes were recorded so.
     assert normalization(["--cnn_pooling"]) is normalization(["--cnn_pooling"], fused=False) is FusedBatchNormalization
 
@@ -136,7 +137,8 @@ def bfloat16_arithmetic(cnn, images):
     return x
 
 
-@pytest.mark.skipif(learning_to_learn.bfloat16_convolutions_problem() is not None,
+@tensorflow_only
+@pytest.mark.skipif(long_runs.bfloat16_convolutions_problem() is not None,
                     reason="--cnn_bfloat16 needs oneDNN's bfloat16 convolutions: a CPU with AVX512F or "
                            "AVX_NE_CONVERT; elsewhere it is refused (test_bad_input.py)")
 @pytest.mark.parametrize("pooling", [(), ("--cnn_pooling",)])
@@ -205,6 +207,7 @@ def test_feature_labels_give_each_step_the_softmax_vote_of_the_earlier_images_la
 # Each case compiles for seconds: the fast suite takes the one of every input and read.
 @pytest.mark.parametrize("flags", [["--read_heads=2", "--read_sharpness=3", "--feature_match", "--feature_labels"],
                                    pytest.param(["--read_heads=0"], marks=pytest.mark.slow)])
+@tensorflow_only  # elsewhere both are the plain one
 def test_fused_and_plain_recurrence_give_the_same_predictions_and_gradients(flags):
     args = parse_args([*TINY, *flags])
     keras.utils.set_random_seed(0)
@@ -226,6 +229,7 @@ def test_fused_and_plain_recurrence_give_the_same_predictions_and_gradients(flag
         np.testing.assert_allclose(value, reference, rtol=1e-4, atol=1e-5 * np.abs(reference).max())
 
 
+@tensorflow_only  # a gradient tape
 def test_the_votes_sharpness_is_trained():
     model = model_for_training(parse_args([*TINY, "--feature_labels"]), fused=False)
     sharpness = model.get_layer("earlier_label_vote").sharpness
@@ -282,13 +286,13 @@ def test_first_occurrence_weight_multiplies_the_loss_of_first_drawings_in_the_me
                                        "labels": np.repeat(np.arange(6), 4)})
     batches = training_batches(dataset, args.classes, args.images_per_class, batch_size=4, episodes=4, seed=3,
                                epochs=range(1), first_occurrence_weight=args.first_occurrence_weight)
-    (images, previous), labels, _ = next(iter(batches))
+    (images, previous), labels, _ = batches[0]
     model = model_for_training(args, fused=False)  # the fused recurrence's function, compiled in less time
-    predictions = model([images, previous], training=True).numpy()  # what fit's one step sees before it learns
+    predictions = keras.ops.convert_to_numpy(model([images, previous], training=True))  # fit's step, before learning
 
-    cross_entropy = -np.log(np.take_along_axis(predictions, labels.numpy()[..., None], axis=-1)[..., 0])
+    cross_entropy = -np.log(np.take_along_axis(predictions, labels[..., None], axis=-1)[..., 0])
     first = np.array([[label not in episode[:step] for step, label in enumerate(episode)]
-                      for episode in labels.numpy()])
+                      for episode in labels])
     expected = np.where(first, 3, 1) * cross_entropy
     history = model.fit(batches, epochs=1, steps_per_epoch=1, shuffle=False, verbose=0).history
     assert history["loss"][0] == pytest.approx(expected.mean(), rel=1e-4)

@@ -15,7 +15,8 @@ import numpy as np
 import pytest
 
 from conftest import ROOT, SHARED_OMNIGLOT, run_program
-from learning_to_learn import metric_names, model_for_training, parse_args, save_uncompiled
+from learning_to_learn import metric_names, model_for_training, parse_args
+from long_runs import save_uncompiled
 from omniglot_dataset import write_atomically
 
 NUMBER = r"\d+\.\d{4}"

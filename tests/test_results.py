@@ -73,7 +73,7 @@ TEMPLATE_FLAGS = {"batch_size", "cell_size", "classes", "epochs", "images_per_cl
 
 
 def test_the_first_table_of_the_findings_names_every_flag_not_the_templates():
-    from learning_to_learn import FLAGS
+    from long_runs import FLAGS
 
     findings = open(os.path.join(ROOT, "benchmarks", "README.md")).read()
     first_table = re.search(r"(^\|.*\n)+", findings, re.MULTILINE).group(0).rstrip("\n")

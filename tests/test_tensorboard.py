@@ -8,7 +8,7 @@ import tensorflow as tf
 from matplotlib.colors import to_hex
 
 from conftest import run_program
-from learning_to_learn import episode_figure, figure_pixels
+from long_runs import episode_figure, figure_pixels
 
 
 def summaries(folder):
@@ -43,7 +43,7 @@ def test_picture_shows_occurrence_label_and_guess_under_each_image():
     images = np.zeros([3, 28, 28, 1], np.float32)
     images[1] = 1.0
     labels, guesses = np.array([1, 0, 1]), np.array([2, 0, 1])
-    figure = episode_figure(images, labels, guesses, classes=3)
+    figure = episode_figure(images, labels, guesses)
 
     shown = [[(text.get_text(), to_hex(text.get_color())) for text in axes.texts] for axes in figure.axes]
     grey, black, green, red = to_hex("grey"), to_hex("black"), to_hex("green"), to_hex("red")
