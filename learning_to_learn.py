@@ -36,12 +36,12 @@ try:
     import keras
     import numpy as np
     from keras import ops
-except ImportError as error:  # not installed, or no room to load it (ulimit -v)
+except (ImportError, MemoryError) as error:  # not installed, or no room to load it (ulimit -v)
     if __name__ != "__main__":
         raise
     print(f"{os.path.basename(sys.argv[0])}: error: cannot load Keras and its backend ({error}): install them with "
-          "pip install -r requirements.txt, in memory enough for them", file=sys.stderr)
-    sys.exit(2)
+          "pip install -r requirements.txt, in memory enough for them", file=sys.stderr, flush=True)
+    os._exit(2)  # at once: a half-loaded backend can hang the interpreter's exit
 
 import long_runs
 from long_runs import EpochCheckpoint, GradedEpochLine, HelpFormatter, add_flag, filter_counts, metrics_line
@@ -206,8 +206,7 @@ def shifted(images, offsets, shift):
 
 
 class EpisodeBatches(keras.utils.PyDataset):
-    """Batches of episodes as the model takes them, `((images, previous labels), labels[, loss weights])`, numpy
-    arrays that every backend's `fit` reads.
+    """Batches of episodes as the model takes them, `((images, previous labels), labels[, loss weights])`, numpy.
 
     `draw(epoch)` gives an epoch's episodes, `(image indices, labels, moves)`, each `[episodes, steps, ...]`
     (moves: None, or offsets for `shifted` by up to `shift` pixels); the batches of the epochs of the `range`
@@ -313,7 +312,8 @@ def metric_names(images_per_class):
 
 def unit_vectors(x):
     """`ops.normalize(x)` over the last axis: x over its norm, floored at Keras's epsilon (an empty cell stays 0)."""
-    return x * ops.minimum(ops.rsqrt(ops.sum(ops.square(x), axis=-1, keepdims=True)), 1 / keras.config.epsilon())
+    inverse_norms = ops.minimum(ops.rsqrt(ops.sum(ops.square(x), axis=-1, keepdims=True)), 1 / keras.config.epsilon())
+    return ops.multiply(x, inverse_norms)
 
 
 @keras.saving.register_keras_serializable(package="learning_to_learn")

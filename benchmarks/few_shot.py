@@ -28,8 +28,8 @@ import functools
 import os
 import sys
 
+import keras
 import numpy as np
-import tensorflow as tf
 from keras import ops
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -108,10 +108,15 @@ def answer_last_steps(model, images, episodes, previous, queries):
 
 
 def support_pass(model):
-    """The recurrence of `model` (one of the program's) returning its last state, as one traced function: run
-    eagerly, the fused recurrence would compile anew at every call."""
+    """The recurrence of `model` (one of the program's) returning its last state; on TensorFlow as one traced
+    function: run eagerly, the fused recurrence would compile anew at every call."""
     recurrence = memory_recurrence(model)
-    return tf.function(type(recurrence)(recurrence.cell, return_state=True), reduce_retracing=True)
+    layer = type(recurrence)(recurrence.cell, return_state=True)
+    if keras.backend.backend() != "tensorflow":
+        return layer
+    import tensorflow as tf
+
+    return tf.function(layer, reduce_retracing=True)
 
 
 def answer_from_support_state(model, features, support_state, episodes, previous, queries):

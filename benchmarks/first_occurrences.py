@@ -31,7 +31,6 @@ import sys
 
 import keras
 import numpy as np
-import tensorflow as tf
 from keras import ops
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -62,12 +61,12 @@ def inside_the_reads(model, images, previous):
     episodes, steps = inputs.shape[:2]
     if cell.memory_cells != steps:
         sys.exit("first_occurrences.py: error: the model's memory holds not one cell for each step")
-    h, c, read_value, memory = [ops.zeros((episodes, size)) for size in cell.state_size]
-    memory = ops.reshape(memory, (episodes, cell.memory_cells, cell.cell_size))
-    weights = [tf.identity(weight) for weight in cell.step_weights()]
-    hs, read_values, *_ = rnn._recurrence(ops.transpose(cell.project(inputs), [1, 0, 2]), h, c, read_value,
-                                          memory, *weights)
-    hs, read_values = (np.swapaxes(ops.convert_to_numpy(x), 0, 1) for x in (hs, read_values))
+    state, hs, read_values = [ops.zeros((episodes, size)) for size in cell.state_size], [], []
+    for step in range(steps):  # the cell's own steps, whatever the backend
+        _, state = cell(inputs[:, step], state)
+        hs.append(state[0])
+        read_values.append(state[2])
+    hs, read_values = (np.stack([ops.convert_to_numpy(x) for x in steps_of], axis=1) for steps_of in (hs, read_values))
     interface = hs @ ops.convert_to_numpy(cell.interface_layer.kernel) + ops.convert_to_numpy(cell.interface_layer.bias)
     writes = np.tanh(interface[..., :cell.cell_size])
     keys = np.tanh(interface[..., cell.cell_size:]).reshape(episodes, steps, cell.read_heads, -1)

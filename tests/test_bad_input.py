@@ -16,7 +16,7 @@ import pytest
 
 import learning_to_learn
 import long_runs
-from conftest import ROOT, run_program
+from conftest import ROOT, run_program, tensorflow_only
 from learning_to_learn import load_trained_model, model_for_training, parse_args
 from omniglot_dataset import DataError, Omniglot
 
@@ -81,6 +81,7 @@ def test_bad_flag_is_refused_by_the_parser(flag, message, capsys, monkeypatch):
     ({"avx2", "avx512f"}, {}, None), ({"avx2", "avx512f", "avx512_bf16"}, {}, None),
     ({"avx2", "avx_ne_convert"}, {"ONEDNN_MAX_CPU_ISA": "AVX2_VNNI_2"}, None),
 ])
+@tensorflow_only
 def test_cnn_bfloat16_is_refused_where_tensorflows_own_kernels_would_sum_in_bfloat16(flags, environment, refusal,
                                                                                       capsys, monkeypatch):
     # Whatever this machine's CPU: each kind of CPU and setting, as the program reads it.
@@ -358,6 +359,7 @@ def test_a_named_pipe_or_a_folder_as_a_file_is_refused_at_once(tmp_path, monkeyp
                                             "file\n")
 
 
+@tensorflow_only  # under such a limit JAX's import spins in C, and PyTorch's aborts: neither says why in Python
 def test_no_room_to_load_tensorflow_ends_in_one_line():
     def little_address_space():
         resource.setrlimit(resource.RLIMIT_AS, (512 * 2**20, resource.RLIM_INFINITY))

@@ -266,7 +266,7 @@ def test_saved_model_loads_with_plain_keras_quietly_and_predicts_the_same_withou
     assert [layer.filters for layer in cnn.layers if isinstance(layer, keras.layers.Conv2D)] == [4, 6, 8]
     # 3x3 valid convolutions of stride 2 take 28 pixels to 13, 6 and 2: 2 x 2 x 8 features.
     assert cnn.output.shape[-1] == 2 * 2 * 8
-    assert float(loaded.get_layer("earlier_label_vote").sharpness) == 4.5
+    assert float(keras.ops.convert_to_numpy(loaded.get_layer("earlier_label_vote").sharpness)) == 4.5
 
 
 def test_cosine_decay_takes_the_learning_rate_to_zero_at_the_last_step():
