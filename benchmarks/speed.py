@@ -1,16 +1,17 @@
 #!/usr/bin/env python3
 """Measures training speed: steady-state episodes/s, time to the end of the first epoch, whole run, peak memory.
 
-Each configuration runs in a fresh process (its own threads, its own peak memory):
+Each configuration runs in a fresh process (its own threads, its own peak memory), on the Keras backend that
+KERAS_BACKEND names, or on each that `--backends` names:
 
-    OMNIGLOT_DATA=../shared/omniglot/omniglot.npz python3 benchmarks/speed.py
+    OMNIGLOT_DATA=../shared/omniglot/omniglot.npz python3 benchmarks/speed.py --backends tensorflow jax torch --plain
 
 prints a Markdown table for the README. Steady-state speed counts training alone
 (validation excluded), median over the epochs after the first; "with
 validation" divides by whole epochs instead. `--plain` adds
 the straightforward Keras build of the same model beside each: `keras.layers.RNN`
 over the cell, automatic differentiation, a Python generator of episodes.
-`--profile FLAGS` splits one training batch of the program's run of FLAGS
+`--profile FLAGS` (TensorFlow) splits one training batch of the program's run of FLAGS
 (quoted, as one argument) into its parts instead, in ms.
 """
 import argparse
@@ -34,6 +35,8 @@ bench.add_argument("--test_episodes", default=320, type=int, help="Validation ep
 bench.add_argument("--epochs", default=3, type=int, help="Epochs; the first one includes tracing and compiling.")
 bench.add_argument("--flags", default="", help="More flags of the program for every run, quoted as one argument.")
 bench.add_argument("--plain", action="store_true", help="Measure the straightforward Keras build beside each.")
+bench.add_argument("--backends", default=[os.environ.get("KERAS_BACKEND", "tensorflow")], nargs="+",
+                   choices=["tensorflow", "jax", "torch"], help="The Keras backends to measure, one after another.")
 bench.add_argument("--profile", default=None, metavar="FLAGS", help="Where a batch's time goes in the run of FLAGS.")
 bench.add_argument("--child", default=None, help=argparse.SUPPRESS)
 
@@ -135,8 +138,7 @@ def plain_fit(args, callbacks):
 def measure(flags, plain=False):
     """Runs learning_to_learn.main (or `plain_fit`) in this process and returns its timings."""
     sys.path.insert(0, ROOT)
-    import tensorflow as tf
-
+    import backends
     import learning_to_learn
 
     args = learning_to_learn.parse_args(flags)
@@ -154,7 +156,7 @@ def measure(flags, plain=False):
         "first_epoch_extra_s": clock.training_seconds[0] - steady,
         "whole_run_s": time.perf_counter() - START,
         "peak_memory_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
-        "device": "GPU" if tf.config.list_physical_devices("GPU") else "CPU",
+        "device": backends.device(),
     }
 
 
@@ -223,19 +225,25 @@ def speed_rows(options):
         flags = [f"--classes={classes}", f"--train_episodes={options.train_episodes}",
                  f"--test_episodes={options.test_episodes}", f"--epochs={options.epochs}", *options.flags.split()]
         results = {}
-        for build in ["program", "plain"] if options.plain else ["program"]:
-            child = subprocess.run([sys.executable, __file__, f"--child={json.dumps([build, flags])}"],
-                                   capture_output=True, text=True, check=True)
-            results[build] = result = json.loads(child.stdout.splitlines()[-1])
+        for backend in options.backends:
+            for build in ["program", "plain"] if options.plain else ["program"]:
+                child = subprocess.run([sys.executable, __file__, f"--child={json.dumps([build, flags])}"],
+                                       capture_output=True, text=True, check=True,
+                                       env={**os.environ, "KERAS_BACKEND": backend})
+                results[backend, build] = json.loads(child.stdout.splitlines()[-1])
+        # Each straightforward build beside the fastest program of this run.
+        fastest, backend = max((result["episodes_per_second"], backend)
+                               for (backend, build), result in results.items() if build == "program")
+        for (_, build), result in results.items():
+            lead = f" ({backend}'s program {fastest / result['episodes_per_second']:.1f}x)" if build == "plain" else ""
             batch_ms = 1000 * min(options.train_episodes, 16) / result["episodes_per_second"]
-            lead = (f" (the program {results['program']['episodes_per_second'] / result['episodes_per_second']:.1f}x)"
-                    if build == "plain" else "")
             rows.append(f"| {' '.join(flags[:1] + flags[4:])} | {build}{lead} | {result['device']} "
                         f"| {result['episodes_per_second']:.0f} | {result['with_validation']:.0f} | {batch_ms:.1f} "
                         f"| {result['first_epoch_end_s']:.1f} | {result['first_epoch_extra_s']:.1f} "
                         f"| {result['whole_run_s']:.1f} | {result['peak_memory_gb']:.2f} |")
-    return ["| run | build | device | steady episodes/s | with validation | ms a batch of 16 | first epoch ends (s) "
-            "| first epoch's extra (s) | whole run (s) | peak memory (GB) |", "| --- " * 10 + "|", *rows]
+    return ["| run | build | backend, device | steady episodes/s | with validation | ms a batch of 16 "
+            "| first epoch ends (s) | first epoch's extra (s) | whole run (s) | peak memory (GB) |",
+            "| --- " * 10 + "|", *rows]
 
 
 def profile_rows(flags):
