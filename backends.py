@@ -34,8 +34,8 @@ def configure(threads, deterministic):
         # XLA's CPU client takes its threads from XLA_FLAGS when it starts, at the first op; its CPU kernels are
         # deterministic on their own.
         if threads:
-            os.environ["XLA_FLAGS"] = (f"{os.environ.get('XLA_FLAGS', '')} --xla_cpu_multi_thread_eigen=false "
-                                       f"intra_op_parallelism_threads={threads}").strip()
+            one = "--xla_cpu_multi_thread_eigen=false " if threads == 1 else ""
+            os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {one}intra_op_parallelism_threads={threads}"
     elif backend == "torch":
         import torch
 
@@ -45,7 +45,7 @@ def configure(threads, deterministic):
 
 
 def device():
-    """The backend and the device a run trains on, in words: `jax, 1 GPU (NVIDIA H100 80GB HBM3)`."""
+    """The backend and the devices a run trains on, in words: `jax, 1 GPU (NVIDIA H100 80GB HBM3)`."""
     backend = keras.backend.backend()
     if backend == "tensorflow":
         import tensorflow as tf
@@ -57,7 +57,8 @@ def device():
 
         devices = jax.devices()
         kind = devices[0].platform.upper()
-        return f"jax, {len(devices)} {kind}" + (f" ({devices[0].device_kind})" if kind != "CPU" else "")
+        return (f"jax, {len(devices)} {kind}" + (f" ({devices[0].device_kind})" if kind != "CPU" else "")
+                + (", each batch split across them" if len(devices) > 1 else ""))
     if backend == "torch":
         import torch
 
@@ -90,18 +91,17 @@ def out_of_memory_errors():
 
 def distribute_over_devices():
     """Splits each batch across the accelerators (or XLA's host devices) JAX sees, where it sees more than one,
-    by `keras.distribution.DataParallel`; returns how many. Other backends train on one device here."""
-    if keras.backend.backend() != "jax":
-        return 1
-    devices = keras.distribution.list_devices()
-    if len(devices) > 1:
+    by `keras.distribution.DataParallel`: the same function, each device a share of the episodes. Other backends
+    train on one device here (`tf.distribute` does not train Keras 3 models across workers)."""
+    if keras.backend.backend() == "jax" and len(devices := keras.distribution.list_devices()) > 1:
         keras.distribution.set_distribution(keras.distribution.DataParallel(devices=devices))
-    return len(devices)
+
+
+FUSED_KERNELS = {"tensorflow": "tensorflow_fused", "jax": "jax_fused"}  # PyTorch runs the plain cell
 
 
 def fused_kernels():
-    """The module of the backend's fused recurrence and batch normalisation, or None where it has none: then
-    the method's layers run as Keras runs them."""
-    if keras.backend.backend() == "tensorflow":
-        return importlib.import_module("tensorflow_fused")
-    return None
+    """The module of the backend's fused `recurrence` (and `batch_normalization`, where it has one), or None where
+    it has none: then the method's layers run as Keras runs them."""
+    module = FUSED_KERNELS.get(keras.backend.backend())
+    return module and importlib.import_module(module)

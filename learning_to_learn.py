@@ -398,14 +398,14 @@ class MemoryAugmentedLSTM(keras.layers.Layer):
 class MemoryAugmentedRNN(keras.layers.RNN):
     """`keras.layers.RNN` over a `MemoryAugmentedLSTM`, through the backend's fused recurrence where it has one.
 
-    As `keras.layers.LSTM` hands its loop to cuDNN where it can, this layer hands
-    its loop to `backends.fused_kernels()`: the same function, faster. `deterministic`: graded runs' kind of it, or
-    none. Elsewhere the cell runs as `keras.layers.RNN` runs it, step by step.
+    As `keras.layers.LSTM` hands its loop to cuDNN where it can, this layer hands its loop to
+    `backends.fused_kernels()`: the same function, faster (`deterministic`: as graded runs
+    need it). Where the backend has none, the cell runs as `keras.layers.RNN` runs it.
     """
 
     def __init__(self, cell, deterministic=False, **kwargs):
         super().__init__(cell, **kwargs)
-        self.deterministic = deterministic  # how it runs, not what it computes: the saved model does not keep it
+        self.deterministic = deterministic  # how it runs, not what: saved models leave it out
 
     def inner_loop(self, sequences, initial_state, mask, training=False):
         if (fused := backends.fused_kernels()) is None or mask is not None or self.go_backwards or self.unroll:
@@ -418,10 +418,10 @@ class FusedBatchNormalization(keras.layers.BatchNormalization):
     """Keras's batch normalisation, of images in training through the backend's fused kernel where it has one."""
 
     def call(self, inputs, training=None, mask=None):
-        if (fused := backends.fused_kernels()) is None or not (training and self.trainable) or mask is not None \
-                or len(inputs.shape) != 4:
+        fused = getattr(backends.fused_kernels(), "batch_normalization", None)
+        if fused is None or not (training and self.trainable) or mask is not None or len(inputs.shape) != 4:
             return super().call(inputs, training=training, mask=mask)
-        return fused.batch_normalization(self, inputs)
+        return fused(self, inputs)
 
 
 def image_features(conv_filters, pooling=False, bfloat16=False, fused=True):
@@ -594,10 +594,10 @@ def main(args, callbacks=()):
     threads = int(args.recodex) if args.threads is None else args.threads
     backends.configure(min(threads, backends.usable_cores()), deterministic=args.recodex)  # more wait their turn
     keras.utils.set_random_seed(args.seed)  # seeds the weight initializers too
+    backends.distribute_over_devices()  # each batch split across them, where the backend sees several
     if not args.recodex:
-        devices = backends.distribute_over_devices()  # each batch split across them, where more than one
-        print(f"{parser.prog}: {'evaluating' if args.evaluate else 'training'} on {backends.device()}"
-              + (f", each batch split across {devices}" if devices > 1 else ""), file=sys.stderr, flush=True)
+        print(f"{parser.prog}: {'evaluating' if args.evaluate else 'training'} on {backends.device()}",
+              file=sys.stderr, flush=True)
 
     omniglot = Omniglot()
     long_runs.check_episodes_fit(parser, args, omniglot)

@@ -15,6 +15,7 @@ import subprocess
 import sys
 import time
 
+import keras
 import numpy as np
 import pytest
 
@@ -381,6 +382,26 @@ def test_an_edited_checkpoint_is_refused_before_the_model_is_built_and_left_as_i
                                         "--checkpoint_dir to start anew$"):
         EpochCheckpoint(str(tmp_path), run_flags(parse_args(TINY)), DEFAULTS).claim()
     assert (sorted(os.listdir(tmp_path)), path.read_bytes()) == (before[0] + ["lock"], before[1])
+
+
+@pytest.mark.parametrize("backend", ["tensorflow", "jax", "torch", None])
+def test_a_checkpoint_resumes_on_the_backend_that_wrote_it_alone(backend, written_checkpoint, tmp_path):
+    # Another backend's optimizer steps differ in their last bits: its run would not end as an uninterrupted one.
+    # A checkpoint that names no backend is one of TensorFlow's, written before there was a choice.
+    path = tmp_path / "checkpoint.npz"
+    path.write_bytes(written_checkpoint)
+    with np.load(path) as saved:
+        assert str(saved["backend"]) == keras.backend.backend()  # as the run writes it
+        written = {name: array for name, array in saved.items() if name != "backend"}
+    np.savez(path, **written, **({} if backend is None else {"backend": np.array(backend)}))
+    checkpoint = EpochCheckpoint(str(tmp_path), run_flags(parse_args(TINY)), DEFAULTS)
+    trained_on = backend or "tensorflow"
+    if trained_on == keras.backend.backend():
+        release(checkpoint.claim())
+    else:
+        with pytest.raises(DataError, match=rf"^{tmp_path} holds a run trained on Keras's {trained_on} backend: "
+                                            rf"resume it there \(KERAS_BACKEND={trained_on}\), or choose another "):
+            checkpoint.claim()
 
 
 def test_a_switch_of_an_earlier_version_that_is_now_a_share_resumes_as_one(written_checkpoint, tmp_path):

@@ -1,6 +1,7 @@
 """The program end to end, as a process: graded output, determinism, resuming, saving, learning on the real data."""
 import csv
 import glob
+import importlib.util
 import math
 import os
 import re
@@ -186,3 +187,51 @@ def assert_evaluates_to_its_runs_last_epoch(omniglot_npz, path):
     lines = graded_output(omniglot_npz, "--recodex", *episodes, f"--evaluate={path}")
     names = [name for name in NAMES if recorded[f"val_{name}"]]  # no 10th occurrence in episodes of 6 drawings
     assert lines.splitlines() == ["Test " + " - ".join(f"{name}: {recorded[f'val_{name}']}" for name in names)]
+
+
+# Every backend
+
+BACKENDS = [backend for backend in ["tensorflow", "jax", "torch"] if importlib.util.find_spec(backend)]
+TINY_RUN = ["--recodex", "--classes=2", "--train_episodes=32", "--test_episodes=32", "--lstm_dim=8", "--epochs=2"]
+
+
+def on_backend(backend, omniglot_npz, *flags, environment=()):
+    result = subprocess.run([sys.executable, os.path.join(ROOT, "learning_to_learn.py"), *flags],
+                            env={**os.environ, "OMNIGLOT_DATA": omniglot_npz, "KERAS_BACKEND": backend,
+                                 **dict(environment)}, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_graded_lines_repeat_to_the_digit_on_each_backend(omniglot_npz, backend):
+    first, again = (on_backend(backend, omniglot_npz, *TINY_RUN).stdout for _ in range(2))
+    assert len(first.splitlines()) == 2 and all(GRADED_LINE.fullmatch(line) for line in first.splitlines()), first
+    assert again == first
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("trained_on", BACKENDS)
+def test_a_model_saved_on_one_backend_evaluates_to_the_same_line_on_each(omniglot_npz, trained_on, tmp_path):
+    # The same weights and ops in float32: the backends' kernels add in their own orders, some 1e-7 of a
+    # probability apart (README.md), far below the printed 4 digits.
+    path = tmp_path / "model.keras"
+    trained = on_backend(trained_on, omniglot_npz, *TINY_RUN, f"--save_model={path}").stdout.splitlines()[-1]
+    lines = {backend: on_backend(backend, omniglot_npz, "--recodex", "--classes=2", "--test_episodes=32",
+                                 f"--evaluate={path}").stdout for backend in BACKENDS}
+    assert set(lines.values()) == {"Test " + trained[trained.index("val_"):].replace("val_", "") + "\n"}, lines
+
+
+@pytest.mark.slow
+@pytest.mark.skipif("jax" not in BACKENDS, reason="JAX is not installed")
+def test_jax_splits_each_batch_across_its_devices_as_one_device_trains(omniglot_npz):
+    two_devices = [("XLA_FLAGS", "--xla_force_host_platform_device_count=2")]
+    said = on_backend("jax", omniglot_npz, "--classes=2", "--train_episodes=16", "--test_episodes=16", "--epochs=1",
+                      "--lstm_dim=8", environment=two_devices).stderr
+    assert "learning_to_learn.py: training on jax, 2 CPU, each batch split across them\n" in said, said
+    one, two = (on_backend("jax", omniglot_npz, *TINY_RUN, environment=environment).stdout
+                for environment in [(), two_devices])
+    # The same function, each device summing its share: the lines agree to rounding.
+    np.testing.assert_allclose(*[[list(metrics_of(line).values()) for line in lines.splitlines()]
+                                 for lines in (one, two)], atol=2e-4)
