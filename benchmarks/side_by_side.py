@@ -26,8 +26,16 @@ bench.add_argument("--flags", default="", help="The program's flags of the model
 bench.add_argument("--rounds", default=40, type=int, help="Calls of each build a part, after 3 to warm up.")
 
 
+# The program's modules beside it, each build its own (a build of one file has none).
+BESIDE = ["backends", "long_runs", "fused_recurrence", "tensorflow_fused", "jax_fused", "omniglot_dataset"]
+
+
 def load(name, directory):
-    """The program's module in `directory`, imported as `name`."""
+    """The program's module in `directory`, imported as `name`, with the modules beside it of that directory: they
+    stay the ones imported until the next build loads (trace a build's parts before)."""
+    for module in BESIDE:
+        sys.modules.pop(module, None)
+    sys.path.insert(0, directory)
     spec = importlib.util.spec_from_file_location(name, os.path.join(directory, "learning_to_learn.py"))
     module = importlib.util.module_from_spec(spec)
     sys.modules[name] = module
@@ -64,17 +72,18 @@ def timed_parts(program, flags):
 def main(options):
     import numpy as np
 
-    sys.path.insert(0, options.old)
-    builds = {label: timed_parts(load(f"learning_to_learn_{label}", directory), options.flags.split())
-              for label, directory in [("old", options.old), ("new", options.new)]}
+    builds = {}
+    for label, directory in [("old", options.old), ("new", options.new)]:
+        builds[label] = timed_parts(load(f"learning_to_learn_{label}", directory), options.flags.split())
+        for part in builds[label].values():
+            for _ in range(3):  # tracing, compiling, warming up, while this build's modules are loaded
+                call_seconds(part)
+        sys.path.remove(directory)
 
     print(f"`{shlex.join(sys.argv)}`; {os.cpu_count()} cores of {cpu()}, {time.strftime('%Y-%m-%d')}; ms, median "
           "(quartiles)\n")
     print("| part | old | new | new / old |\n| --- | --- | --- | --- |")
     for part in builds["old"]:
-        for build in builds.values():
-            for _ in range(3):  # tracing, compiling, warming up
-                call_seconds(build[part])
         times = {label: [] for label in builds}
         for _ in range(options.rounds):
             for label, build in builds.items():

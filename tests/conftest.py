@@ -5,13 +5,16 @@ import subprocess
 import sys
 import threading
 
-import keras
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHARED_OMNIGLOT = os.path.join(ROOT, "..", "shared", "omniglot")  # this project's release files, where present
 sys.path.insert(0, ROOT)
 
+# backends before Keras, as the program imports them: it quiets TensorFlow's start-up, here and in the programs
+# the tests start, which inherit the setting (Keras's own import would set a louder one).
+import backends  # noqa: E402, F401, I001
+import keras  # noqa: E402
 from omniglot_dataset import CACHE_FILE, DataError, Omniglot, cache_dir  # noqa: E402
 
 # A test of TensorFlow's own path (its fused kernels, its kernels' precision), which other backends do not take.

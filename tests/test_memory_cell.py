@@ -151,6 +151,23 @@ def test_read_weights_cells_by_softmax_of_cosine_similarity():
                                [np.concatenate([expected_head1, expected_head2])], rtol=1e-6)
 
 
+def recurrence_case(read_heads, memory_cells, memory, batch=3, steps=7, features=5, units=6, cell_size=4):
+    """`(inputs, initial state, weights of a loss)` of a fused loop's test, numpy: 3 episodes of 7 steps, and a loss
+    that weighs every output and every final state, so that every gradient path counts. `memory`: "random",
+    "tiny cell" (the first cell's norm floored), "empty" or "tiny, then empty"."""
+    rng = np.random.default_rng(0)
+    inputs = rng.normal(size=[batch, steps, features]).astype(np.float32)
+    state_sizes = [units, units, read_heads * cell_size, memory_cells * cell_size]
+    initial_state = [rng.normal(size=[batch, size]).astype(np.float32) for size in state_sizes]
+    if memory.startswith("tiny"):
+        initial_state[3][:, :cell_size] *= 1e-9
+    if memory.endswith("empty"):
+        initial_state[3][:, 0 if memory == "empty" else cell_size:] = 0
+    output_weights = [rng.normal(size=[batch, steps, units]).astype(np.float32)]
+    return inputs, initial_state, output_weights + [rng.normal(size=[batch, size]).astype(np.float32)
+                                                    for size in state_sizes]
+
+
 # Each case compiles for seconds: the fast suite takes two that hold every kind of memory and a split of the
 # episodes between them; the whole suite all eight, the layer inside XLA's own compilation too (jit_compile), as
 # a user's model compiled so runs it, and the next test a share left empty.
@@ -167,18 +184,8 @@ def test_fused_layer_matches_numpy_and_the_cell_loops_automatic_gradients(read_h
     # 7 steps: with 4 cells old cells drop; 0 heads is the LSTM-only baseline; a tiny cell has its norm floored.
     # The fused layer splits the 3 episodes among the cores: 1 and 2 episodes, or 1 each (5 cores: 3 parts).
     monkeypatch.setattr(tensorflow_fused, "cores_in_use", lambda: cores)
-    batch, steps, features, units, cell_size = 3, 7, 5, 6, 4
-    rng = np.random.default_rng(0)
-    inputs = rng.normal(size=[batch, steps, features]).astype(np.float32)
-    state_sizes = [units, units, read_heads * cell_size, memory_cells * cell_size]
-    initial_state = [rng.normal(size=[batch, size]).astype(np.float32) for size in state_sizes]
-    if memory.startswith("tiny"):
-        initial_state[3][:, :cell_size] *= 1e-9
-    if memory.endswith("empty"):
-        initial_state[3][:, 0 if memory == "empty" else cell_size:] = 0
-    # A loss that weighs every output and every final state, so that every gradient path counts.
-    output_weights = [tf.constant(rng.normal(size=[batch, steps, units]), tf.float32)]
-    output_weights += [tf.constant(rng.normal(size=[batch, size]), tf.float32) for size in state_sizes]
+    inputs, initial_state, output_weights = recurrence_case(read_heads, memory_cells, memory)
+    batch, units, cell_size = len(inputs), 6, 4
     cell = MemoryAugmentedLSTM(units, memory_cells, cell_size, read_heads, read_sharpness)
 
     def outputs_and_gradients(rnn_class):
@@ -213,16 +220,8 @@ def test_jax_fused_layer_matches_numpy_and_the_cell_loops_automatic_gradients(re
                                                                               read_sharpness, memory):
     import jax
 
-    batch, steps, features, units, cell_size = 3, 7, 5, 6, 4
-    rng = np.random.default_rng(0)
-    inputs = rng.normal(size=[batch, steps, features]).astype(np.float32)
-    state_sizes = [units, units, read_heads * cell_size, memory_cells * cell_size]
-    initial_state = [rng.normal(size=[batch, size]).astype(np.float32) for size in state_sizes]
-    if memory.startswith("tiny"):
-        initial_state[3][:, :cell_size] *= 1e-9
-        initial_state[3][:, cell_size:] = 0
-    output_weights = [rng.normal(size=[batch, steps, units]).astype(np.float32)]
-    output_weights += [rng.normal(size=[batch, size]).astype(np.float32) for size in state_sizes]
+    inputs, initial_state, output_weights = recurrence_case(read_heads, memory_cells, memory)
+    batch, units, cell_size = len(inputs), 6, 4
     cell = MemoryAugmentedLSTM(units, memory_cells, cell_size, read_heads, read_sharpness)
 
     def outputs_and_gradients(rnn_class):

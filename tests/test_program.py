@@ -204,7 +204,7 @@ def on_backend(backend, omniglot_npz, *flags, environment=()):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", [backend for backend in BACKENDS if backend != "tensorflow"])  # TensorFlow's above
 def test_graded_lines_repeat_to_the_digit_on_each_backend(omniglot_npz, backend):
     first, again = (on_backend(backend, omniglot_npz, *TINY_RUN).stdout for _ in range(2))
     assert len(first.splitlines()) == 2 and all(GRADED_LINE.fullmatch(line) for line in first.splitlines()), first
@@ -214,13 +214,18 @@ def test_graded_lines_repeat_to_the_digit_on_each_backend(omniglot_npz, backend)
 @pytest.mark.slow
 @pytest.mark.parametrize("trained_on", BACKENDS)
 def test_a_model_saved_on_one_backend_evaluates_to_the_same_line_on_each(omniglot_npz, trained_on, tmp_path):
-    # The same weights and ops in float32: the backends' kernels add in their own orders, some 1e-7 of a
-    # probability apart (README.md), far below the printed 4 digits.
+    # The same weights and ops in float32: the backends' kernels add in their own orders, probabilities up to
+    # 5e-6 apart (the shipped 5-way model, 64 episodes), and each metric is a mean of per-episode means summed
+    # in its own order too: a value on a rounding tie (15/32 = 0.46875) may print either way, 1e-4 apart.
     path = tmp_path / "model.keras"
     trained = on_backend(trained_on, omniglot_npz, *TINY_RUN, f"--save_model={path}").stdout.splitlines()[-1]
-    lines = {backend: on_backend(backend, omniglot_npz, "--recodex", "--classes=2", "--test_episodes=32",
-                                 f"--evaluate={path}").stdout for backend in BACKENDS}
-    assert set(lines.values()) == {"Test " + trained[trained.index("val_"):].replace("val_", "") + "\n"}, lines
+    expected = metrics_of("Test " + trained[trained.index("val_"):].replace("val_", ""))
+    for backend in set(BACKENDS) - {trained_on}:  # on its own, the validation of its last epoch
+        line = on_backend(backend, omniglot_npz, "--recodex", "--classes=2", "--test_episodes=32",
+                          f"--evaluate={path}").stdout
+        assert line.startswith("Test ") and metrics_of(line).keys() == expected.keys(), line
+        np.testing.assert_allclose(list(metrics_of(line).values()), list(expected.values()), rtol=0, atol=1.01e-4,
+                                   err_msg=backend)
 
 
 @pytest.mark.slow
