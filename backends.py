@@ -31,11 +31,11 @@ def configure(threads, deterministic):
         if deterministic:
             tf.config.experimental.enable_op_determinism()
     elif backend == "jax":
-        # XLA's CPU client takes its threads from XLA_FLAGS when it starts, at the first op; its CPU kernels are
-        # deterministic on their own.
-        if threads:
-            one = "--xla_cpu_multi_thread_eigen=false " if threads == 1 else ""
-            os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {one}intra_op_parallelism_threads={threads}"
+        # XLA's CPU client reads XLA_FLAGS when it starts, at the first op: it can run one thread, or all the
+        # cores. Its CPU kernels are deterministic on their own.
+        if threads == 1:
+            os.environ["XLA_FLAGS"] = (f"{os.environ.get('XLA_FLAGS', '')} --xla_cpu_multi_thread_eigen=false "
+                                       "intra_op_parallelism_threads=1").strip()
     elif backend == "torch":
         import torch
 

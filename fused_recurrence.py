@@ -17,7 +17,7 @@ Tensor = Any  # a tensor of the backend in use
 def unit_vectors(x):
     """`ops.normalize(x)` over the last axis, and the inverse norms it used (the backward pass needs them)."""
     inverse_norms = ops.minimum(ops.rsqrt(ops.sum(ops.square(x), axis=-1, keepdims=True)), 1 / EPSILON)
-    return x * inverse_norms, inverse_norms
+    return ops.multiply(x, inverse_norms), inverse_norms
 
 
 class CellState(NamedTuple):
