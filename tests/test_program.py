@@ -203,23 +203,38 @@ def on_backend(backend, omniglot_npz, *flags, environment=()):
     return result
 
 
+@pytest.fixture(scope="module")
+def tiny_runs(omniglot_npz, tmp_path_factory):
+    """`run(backend)`: the graded lines of TINY_RUN on that backend and the model it saved, each backend run once
+    for all the tests below (a run starts a process of 10-20 s)."""
+    folder, runs = tmp_path_factory.mktemp("tiny_runs"), {}
+
+    def run(backend):
+        if backend not in runs:
+            path = folder / f"{backend}.keras"
+            runs[backend] = on_backend(backend, omniglot_npz, *TINY_RUN, f"--save_model={path}").stdout, path
+        return runs[backend]
+
+    return run
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("backend", [backend for backend in BACKENDS if backend != "tensorflow"])  # TensorFlow's above
-def test_graded_lines_repeat_to_the_digit_on_each_backend(omniglot_npz, backend):
-    first, again = (on_backend(backend, omniglot_npz, *TINY_RUN).stdout for _ in range(2))
+def test_graded_lines_repeat_to_the_digit_on_each_backend(omniglot_npz, backend, tiny_runs):
+    first, again = tiny_runs(backend)[0], on_backend(backend, omniglot_npz, *TINY_RUN).stdout
     assert len(first.splitlines()) == 2 and all(GRADED_LINE.fullmatch(line) for line in first.splitlines()), first
     assert again == first
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("trained_on", BACKENDS)
-def test_a_model_saved_on_one_backend_evaluates_to_the_same_line_on_each(omniglot_npz, trained_on, tmp_path):
+def test_a_model_saved_on_one_backend_evaluates_to_the_same_line_on_each(omniglot_npz, trained_on, tiny_runs):
     # The same weights and ops in float32: the backends' kernels add in their own orders, probabilities up to
     # 5e-6 apart (the shipped 5-way model, 64 episodes), and each metric is a mean of per-episode means summed
     # in its own order too: a value on a rounding tie (15/32 = 0.46875) may print either way, 1e-4 apart.
-    path = tmp_path / "model.keras"
-    trained = on_backend(trained_on, omniglot_npz, *TINY_RUN, f"--save_model={path}").stdout.splitlines()[-1]
-    expected = metrics_of("Test " + trained[trained.index("val_"):].replace("val_", ""))
+    lines, path = tiny_runs(trained_on)
+    last = lines.splitlines()[-1]
+    expected = metrics_of("Test " + last[last.index("val_"):].replace("val_", ""))
     for backend in set(BACKENDS) - {trained_on}:  # on its own, the validation of its last epoch
         line = on_backend(backend, omniglot_npz, "--recodex", "--classes=2", "--test_episodes=32",
                           f"--evaluate={path}").stdout
@@ -230,13 +245,12 @@ def test_a_model_saved_on_one_backend_evaluates_to_the_same_line_on_each(omniglo
 
 @pytest.mark.slow
 @pytest.mark.skipif("jax" not in BACKENDS, reason="JAX is not installed")
-def test_jax_splits_each_batch_across_its_devices_as_one_device_trains(omniglot_npz):
+def test_jax_splits_each_batch_across_its_devices_as_one_device_trains(omniglot_npz, tiny_runs):
     two_devices = [("XLA_FLAGS", "--xla_force_host_platform_device_count=2")]
     said = on_backend("jax", omniglot_npz, "--classes=2", "--train_episodes=16", "--test_episodes=16", "--epochs=1",
                       "--lstm_dim=8", environment=two_devices).stderr
     assert "learning_to_learn.py: training on jax, 2 CPU, each batch split across them\n" in said, said
-    one, two = (on_backend("jax", omniglot_npz, *TINY_RUN, environment=environment).stdout
-                for environment in [(), two_devices])
+    one, two = tiny_runs("jax")[0], on_backend("jax", omniglot_npz, *TINY_RUN, environment=two_devices).stdout
     # The same function, each device summing its share: the lines agree to rounding.
     np.testing.assert_allclose(*[[list(metrics_of(line).values()) for line in lines.splitlines()]
                                  for lines in (one, two)], atol=2e-4)
