@@ -103,13 +103,37 @@ def projected_inputs(cell, sequences):
     return ops.matmul(ops.transpose(sequences, [1, 0, 2]), kernel) + cell.controller.bias
 
 
-def weight_gradients(h, read_value, hs, read_values, d_gates, d_interface):
-    """The gradients of `step_weights` from every step's (time first) gate and interface gradients: one product over
-    all steps and episodes each. `h`, `read_value`: before the first step; `hs`, `read_values`: after each."""
+def recorded_step(cell, projected_input, state, weights):
+    """`step`, and what a forward loop keeps of it for the backward pass: `(state after, (h, c, read value, the
+    write, the StepActivations))`."""
+    state, activations = step(cell, projected_input, state, weights)
+    return state, (state.h, state.c, state.read_value, state.memory[:, 0], activations)
+
+
+def memory_register(writes, memory):
+    """Every memory the steps read, in one tensor (steps + cells, batch, cell_size), from every step's write (time
+    first) and the memory before the first step (batch, cells, cell_size). The memory is a shift register: before
+    step t it holds the last writes, newest first, then the memory before the first step: rows steps - t onwards."""
+    return ops.concatenate([ops.flip(writes, axis=0), ops.transpose(memory, [1, 0, 2])])
+
+
+def gradients_after_the_last_step(h, read_value, d_c_last, d_memory_last, activations):
+    """The `StepGradients` that the backward loop starts from: those of the last c and memory, and zeros."""
+    return StepGradients(ops.zeros_like(ops.concatenate([h, read_value], axis=-1)), d_c_last, d_memory_last,
+                         ops.zeros_like(activations.gates[0]), ops.zeros_like(activations.interface[0]))
+
+
+def input_gradients(cell, h, read_value, hs, read_values, d_first, d_gates, d_interface):
+    """The gradients of the fused loop's inputs (projected inputs, h, c, read value, memory, *`step_weights`),
+    from every step's (time first) gate and interface gradients and the first step's `StepGradients` `d_first`.
+    `h`, `read_value`: before the first step; `hs`, `read_values`: after each. Each weight's gradient is one
+    product over all steps and episodes."""
     h_read_before = ops.concatenate([ops.concatenate([h[None], hs[:-1]]),
                                      ops.concatenate([read_value[None], read_values[:-1]])], axis=-1)
-    return [ops.tensordot(h_read_before, d_gates, [[0, 1], [0, 1]]),
-            ops.tensordot(hs, d_interface, [[0, 1], [0, 1]]), ops.sum(d_interface, axis=[0, 1])]
+    d_weights = [ops.tensordot(h_read_before, d_gates, [[0, 1], [0, 1]]),
+                 ops.tensordot(hs, d_interface, [[0, 1], [0, 1]]), ops.sum(d_interface, axis=[0, 1])]
+    d_h, d_read_value = d_first.h_read_before[:, :cell.units], d_first.h_read_before[:, cell.units:]
+    return d_gates, d_h, d_first.c_before, d_read_value, d_first.memory_before, *d_weights
 
 
 def outputs_and_states(cell, hs, read_values, c, memory):

@@ -10,14 +10,15 @@ from keras import ops
 from fused_recurrence import (
     CellState,
     StepActivations,
-    StepGradients,
     StepRecord,
+    gradients_after_the_last_step,
+    input_gradients,
+    memory_register,
     outputs_and_states,
     projected_inputs,
-    step,
+    recorded_step,
     step_backward,
     step_weights,
-    weight_gradients,
 )
 
 
@@ -38,12 +39,9 @@ def fused_steps(cell):
     runs the cell's steps: every step's h and read value, the last c and the last memory."""
 
     def forward(projected, h, c, read_value, memory, *weights):
-        def forward_step(state, projected_input):
-            state, activations = step(cell, projected_input, state, weights)
-            return state, (state.h, state.c, state.read_value, state.memory[:, 0], activations)
-
         last, (hs, cs, read_values, writes, activations) = jax.lax.scan(
-            forward_step, CellState(h, c, read_value, memory), projected)
+            lambda state, projected_input: recorded_step(cell, projected_input, state, weights),
+            CellState(h, c, read_value, memory), projected)
         return (hs, read_values, last.c, last.memory), (h, c, read_value, memory, weights, hs, cs, read_values,
                                                          writes, activations)
 
@@ -52,9 +50,7 @@ def fused_steps(cell):
         d_hs, d_read_values, d_c_last, d_memory_last = gradients
         steps = hs.shape[0]
         c_before = ops.concatenate([c[None], cs[:-1]])
-        # The memory is a shift register: before step t it holds the last writes, newest first, then the memory
-        # before the first step. All of them in one array, (steps + cells, batch, cell_size).
-        written = ops.concatenate([ops.flip(writes, axis=0), ops.transpose(memory, [1, 0, 2])])
+        written = memory_register(writes, memory)
         recurrent_kernel_turned, interface_kernel_turned = [ops.transpose(weight) for weight in weights[:2]]
 
         def backward_step(d_after, at_step):
@@ -65,14 +61,11 @@ def fused_steps(cell):
             d = step_backward(cell, d_after, record, recurrent_kernel_turned, interface_kernel_turned)
             return d, (d.gates, d.interface)
 
-        from_last = StepGradients(ops.zeros_like(ops.concatenate([h, read_value], axis=-1)), d_c_last, d_memory_last,
-                                  ops.zeros_like(activations.gates[0]), ops.zeros_like(activations.interface[0]))
+        from_last = gradients_after_the_last_step(h, read_value, d_c_last, d_memory_last, activations)
         d_first, (d_gates, d_interface) = jax.lax.scan(
             backward_step, from_last, (ops.arange(steps), d_hs, d_read_values, c_before, cs, tuple(activations)),
             reverse=True)
-        d_weights = weight_gradients(h, read_value, hs, read_values, d_gates, d_interface)
-        d_h, d_read_value = d_first.h_read_before[:, :cell.units], d_first.h_read_before[:, cell.units:]
-        return d_gates, d_h, d_first.c_before, d_read_value, d_first.memory_before, *d_weights
+        return input_gradients(cell, h, read_value, hs, read_values, d_first, d_gates, d_interface)
 
     @jax.custom_vjp
     def steps(*inputs):

@@ -14,14 +14,15 @@ import backends
 from fused_recurrence import (
     CellState,
     StepActivations,
-    StepGradients,
     StepRecord,
+    gradients_after_the_last_step,
+    input_gradients,
+    memory_register,
     outputs_and_states,
     projected_inputs,
-    step,
+    recorded_step,
     step_backward,
     step_weights,
-    weight_gradients,
 )
 
 
@@ -105,19 +106,14 @@ def fused_steps(cell, deterministic, projected, h, c, read_value, memory, *weigh
         projected, h, c, read_value, memory, *weights = [tf.stop_gradient(tensor) for tensor in inputs]
         steps, batch_size = projected.shape[0], ops.shape(h)[0]
 
-        def forward_step(t, state):
-            state, activations = step(cell, projected[t], state, weights)
-            return state, (state.h, state.c, state.read_value, state.memory[:, 0], activations)
-
         one_step = (h, c, read_value, memory[:, 0],
                     StepActivations(projected[0], ops.zeros((batch_size, cell.interface_size)),
                                     ops.zeros((batch_size, cell.read_heads, cell.memory_cells))))
         last, (hs, cs, read_values, writes, activations) = compiled(lambda: scan_steps(
-            forward_step, steps, CellState(h, c, read_value, memory), one_step))()
+            lambda t, state: recorded_step(cell, projected[t], state, weights), steps,
+            CellState(h, c, read_value, memory), one_step))()
         c_before = ops.concatenate([c[None], cs[:-1]])  # (steps, batch, units)
-        # The memory is a shift register: before step t it holds the last writes, newest first, then the
-        # memory before the first step. All of them in one tensor, (steps + cells, batch, cell_size).
-        written = ops.concatenate([ops.flip(writes, axis=0), ops.transpose(memory, [1, 0, 2])])
+        written = memory_register(writes, memory)
 
         def backward(d_hs, d_read_values, d_c_last, d_memory_last):
             # Turned once, outside the loop: XLA's products with a turned operand take twice as long.
@@ -131,15 +127,10 @@ def fused_steps(cell, deterministic, projected, h, c, read_value, memory, *weigh
                 d = step_backward(cell, d_after, record, recurrent_kernel_turned, interface_kernel_turned)
                 return d, (d.gates, d.interface)
 
-            from_last = StepGradients(ops.zeros_like(ops.concatenate([h, read_value], axis=-1)), d_c_last,
-                                      d_memory_last, ops.zeros_like(activations.gates[0]),
-                                      ops.zeros_like(activations.interface[0]))
+            from_last = gradients_after_the_last_step(h, read_value, d_c_last, d_memory_last, activations)
             d_first, (d_gates, d_interface) = compiled(lambda: scan_steps(
                 backward_step, steps, from_last, (from_last.gates, from_last.interface), reverse=True))()
-
-            d_weights = weight_gradients(h, read_value, hs, read_values, d_gates, d_interface)
-            d_h, d_read_value = d_first.h_read_before[:, :cell.units], d_first.h_read_before[:, cell.units:]
-            return d_gates, d_h, d_first.c_before, d_read_value, d_first.memory_before, *d_weights
+            return input_gradients(cell, h, read_value, hs, read_values, d_first, d_gates, d_interface)
 
         return (hs, read_values, last.c, last.memory), backward
 
