@@ -11,6 +11,7 @@ build's median ms with its quartiles, and new / old. Both builds use OLD_DIR's
 `omniglot_dataset.py`.
 """
 import argparse
+import glob
 import importlib.util
 import os
 import shlex
@@ -26,15 +27,11 @@ bench.add_argument("--flags", default="", help="The program's flags of the model
 bench.add_argument("--rounds", default=40, type=int, help="Calls of each build a part, after 3 to warm up.")
 
 
-# The program's modules beside it, each build its own (a build of one file has none).
-BESIDE = ["backends", "long_runs", "fused_recurrence", "tensorflow_fused", "jax_fused", "omniglot_dataset"]
-
-
 def load(name, directory):
     """The program's module in `directory`, imported as `name`, with the modules beside it of that directory: they
     stay the ones imported until the next build loads (trace a build's parts before)."""
-    for module in BESIDE:
-        sys.modules.pop(module, None)
+    for beside in glob.glob(os.path.join(directory, "*.py")):  # the other build's of the same names, forgotten
+        sys.modules.pop(os.path.basename(beside)[:-len(".py")], None)
     sys.path.insert(0, directory)
     spec = importlib.util.spec_from_file_location(name, os.path.join(directory, "learning_to_learn.py"))
     module = importlib.util.module_from_spec(spec)
